@@ -1,0 +1,3 @@
+from ringgate.cli import main
+
+raise SystemExit(main())

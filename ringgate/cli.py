@@ -1,0 +1,143 @@
+"""`ringgate` command line: start, check, demo, stop."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any, Sequence
+
+from ringgate import __version__
+from ringgate.settings import Settings, SettingsError, coerce, from_environment
+
+LOG_FORMAT = "%(asctime)s [%(levelname)s] %(process)d %(name)s: %(message)s"
+
+
+def _add_node_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--proxy-listen", metavar="HOST:PORT", help="proxy address (default 0.0.0.0:8000; "
+                        "env RINGGATE_PROXY_LISTEN)")
+    parser.add_argument("--admin-listen", metavar="HOST:PORT", help="admin address (default 127.0.0.1:8001; "
+                        "env RINGGATE_ADMIN_LISTEN)")
+    parser.add_argument("--workers", metavar="N", help="proxy worker processes (default: one per core; "
+                        "env RINGGATE_WORKERS)")
+    parser.add_argument("--prefix", metavar="DIR", help="run directory for pid file and state "
+                        "(default ./ringgate-run; env RINGGATE_PREFIX)")
+    parser.add_argument("--trusted-ips", metavar="CIDRS", help="comma-separated peers whose X-Forwarded-* "
+                        "headers are kept (default none; env RINGGATE_TRUSTED_IPS)")
+    parser.add_argument("--drain-timeout", metavar="SECONDS", help="graceful stop limit (default 10; "
+                        "env RINGGATE_DRAIN_TIMEOUT)")
+    parser.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error (default info; "
+                        "env RINGGATE_LOG_LEVEL)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringgate", description="A Kong-compatible API gateway.")
+    parser.add_argument("--version", action="version", version=f"ringgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="run the gateway in the foreground")
+    start.add_argument("-c", "--conf", metavar="kong.yml", help="declarative config (env RINGGATE_CONFIG_FILE)")
+    _add_node_flags(start)
+    check = sub.add_parser("check", help="validate a declarative config file")
+    check.add_argument("file")
+    demo = sub.add_parser("demo", help="start the gateway with built-in demo upstreams")
+    _add_node_flags(demo)
+    stop = sub.add_parser("stop", help="stop a running gateway (via its pid file)")
+    stop.add_argument("--prefix", metavar="DIR")
+    return parser
+
+
+def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    """Defaults < RINGGATE_* environment < flags, as Kong does with KONG_* and kong.conf."""
+    values: dict[str, Any] = from_environment(environ)
+    for name in ("proxy_listen", "admin_listen", "workers", "prefix", "trusted_ips", "drain_timeout", "log_level"):
+        raw = getattr(args, name, None)
+        if raw is not None:
+            values[name] = coerce(name, raw)
+    conf = getattr(args, "conf", None)
+    if conf is not None:
+        values["config_file"] = conf
+    settings = Settings().with_overrides(**values)
+    if settings.workers < 0:
+        raise SettingsError("RINGGATE_WORKERS: must be 0 (one per core) or more")
+    return settings
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
+
+
+def cmd_check(path: str) -> int:
+    from ringgate.config import ConfigError, load_file
+    try:
+        config = load_file(path)
+    except ConfigError as exc:
+        print(f"ringgate: {exc}", file=sys.stderr)
+        return 1
+    print(f"ringgate: {path} is valid: {len(config.services)} services, {len(config.routes)} routes, "
+          f"{len(config.upstreams)} upstreams, {len(config.plugins)} plugins (hash {config.config_hash})")
+    return 0
+
+
+def cmd_start(settings: Settings) -> int:
+    from ringgate.config import ConfigError, load_file
+    if not settings.config_file:
+        logging.getLogger("ringgate").warning("no config given (-c kong.yml): every request will get 404")
+        return cmd_start_config(settings, {"_format_version": "3.0"}, "<empty>")
+    try:
+        config = load_file(settings.config_file)
+    except ConfigError as exc:
+        print(f"ringgate: {exc}", file=sys.stderr)
+        return 1
+    return _run(settings, config, settings.config_file)
+
+
+def cmd_start_config(settings: Settings, data: dict[str, Any], label: str) -> int:
+    from ringgate.config import ConfigError, load_dict
+    try:
+        config = load_dict(data, label)
+    except ConfigError as exc:
+        print(f"ringgate: {exc}", file=sys.stderr)
+        return 1
+    return _run(settings, config, label)
+
+
+def _run(settings: Settings, config: Any, label: str) -> int:
+    from workers.master import StartupError, run
+    try:
+        return run(settings, config, label)
+    except StartupError as exc:
+        print(f"ringgate: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_stop(prefix: str) -> int:
+    from workers.master import PID_FILE
+    path = os.path.join(prefix, PID_FILE)
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError) as exc:
+        print(f"ringgate: cannot stop the gateway under {prefix}: {exc}", file=sys.stderr)
+        return 1
+    print(f"ringgate: sent SIGTERM to {pid}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args.file)
+    try:
+        settings = resolve_settings(args)
+    except SettingsError as exc:
+        print(f"ringgate: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "stop":
+        return cmd_stop(settings.prefix)
+    _setup_logging(settings.log_level)
+    if args.command == "demo":
+        from ringgate.demo import run_demo
+        return run_demo(settings)
+    return cmd_start(settings)

@@ -1,0 +1,127 @@
+"""Node settings: what Kong keeps in kong.conf, as flags and RINGGATE_* environment variables.
+
+Every default lives here with the reason for it. The declarative entities (services,
+routes, ...) are in ringgate.config; this module is only about the process.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+ENV_PREFIX = "RINGGATE_"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str, setting: str) -> ListenAddress:
+    """Parse Kong's listen syntax, one address: "0.0.0.0:8000", "[::1]:8000", ":8000"."""
+    value = text.strip().split(",")[0].split()[0] if text.strip() else ""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_text = rest.lstrip(":")
+    else:
+        host, _, port_text = value.rpartition(":")
+    host = host or "0.0.0.0"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise SettingsError(f"{setting}: invalid listen address {text!r} (expected HOST:PORT)") from None
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"{setting}: port {port} out of range 0..65535")
+    return ListenAddress(host, port)
+
+
+def parse_networks(text: str, setting: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise SettingsError(f"{setting}: invalid address or CIDR {item!r}") from None
+    return tuple(nets)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Kong's ports: 8000 proxy on all interfaces, 8001 admin on loopback only.
+    proxy_listen: ListenAddress = ListenAddress("0.0.0.0", 8000)
+    admin_listen: ListenAddress = ListenAddress("127.0.0.1", 8001)
+    # 0 = one worker per core, like nginx's worker_processes auto.
+    workers: int = 0
+    prefix: str = "ringgate-run"
+    config_file: str | None = None
+    # Kong trusts nobody's X-Forwarded-* by default.
+    trusted_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Graceful stop: in-flight requests get this long to finish (nginx worker_shutdown_timeout, Kong's 10 s).
+    drain_timeout: float = 10.0
+    # Client side limits (nginx: large_client_header_buffers 8k; client_header_timeout 60s; keepalive_timeout 75s).
+    max_request_line: int = 8192
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    client_header_timeout: float = 60.0
+    client_keepalive_timeout: float = 75.0
+    # Upstream keep-alive pool per worker and address (Kong: 512 idle? we cap lower per address; 10000 requests; 60 s).
+    upstream_keepalive_pool: int = 128
+    upstream_keepalive_requests: int = 10000
+    upstream_keepalive_timeout: float = 60.0
+    # A request body up to this size is kept so a retry can replay it; larger bodies stream and are not replayed.
+    replay_buffer_bytes: int = 1 << 20
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+    def with_overrides(self, **values: Any) -> "Settings":
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+_PARSERS: dict[str, Any] = {
+    "proxy_listen": parse_listen,
+    "admin_listen": parse_listen,
+    "trusted_ips": parse_networks,
+}
+
+
+def coerce(name: str, raw: str) -> Any:
+    """Turn a flag or environment string into the typed value of setting `name`."""
+    setting = ENV_PREFIX + name.upper()
+    if name in _PARSERS:
+        return _PARSERS[name](raw, setting)
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{setting}: expected a number, got {raw!r}") from None
+    return raw
+
+
+def from_environment(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name == "extra":
+            continue
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is not None and raw != "":
+            values[f.name] = coerce(f.name, raw)
+    return values

@@ -1,0 +1,122 @@
+"""HTTP/1.1 bytes built once at import: status lines, hop-by-hop sets, Kong's error answers."""
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import orjson
+
+from ringgate import __version__
+
+SERVER_TOKEN = f"ringgate/{__version__}".encode()
+VIA_TOKEN = b"1.1 " + SERVER_TOKEN
+
+STATUS_LINES: dict[int, bytes] = {}
+for _status in HTTPStatus:
+    STATUS_LINES[_status.value] = b"HTTP/1.1 %d %s\r\n" % (_status.value, _status.phrase.encode())
+
+
+def status_line(status: int, reason: bytes = b"") -> bytes:
+    line = STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason or b"Unknown")
+    return line
+
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus the framing headers the gateway rewrites itself.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    )
+)
+
+IDEMPOTENT_METHODS: frozenset[str] = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"))
+
+# Kong's messages (kong-spec §3).
+MSG_NO_ROUTE = "no Route matched with those values"
+MSG_NO_SERVICE = "no Service found with those values"
+MSG_BAD_GATEWAY = "An invalid response was received from the upstream server"
+MSG_TIMEOUT = "The upstream server is timing out"
+MSG_NO_PEER = "failure to get a peer from the ring-balancer"
+MSG_NAME_RESOLUTION = "name resolution failed"
+MSG_UNEXPECTED = "An unexpected error occurred"
+MSG_BAD_REQUEST = "Bad request"
+
+_CLIENT_ERROR_TEXT = {
+    400: "Bad request",
+    408: "Request timeout",
+    413: "Request Entity Too Large",
+    414: "Request-URI Too Large",
+    431: "Request Header Fields Too Large",
+    500: MSG_UNEXPECTED,
+    501: "Not Implemented",
+    502: MSG_BAD_GATEWAY,
+    503: "The upstream server is currently unavailable",
+    504: MSG_TIMEOUT,
+}
+
+
+def default_message(status: int) -> str:
+    return _CLIENT_ERROR_TEXT.get(status, f"The upstream server responded with {status}")
+
+
+def wants_text(accept: bytes | None) -> bool:
+    """Kong answers JSON unless the client's Accept prefers text/plain (or text/html) over JSON."""
+    if not accept:
+        return False
+    best_kind, best_q = "json", -1.0
+    for part in accept.decode("latin-1").split(","):
+        media, _, params = part.strip().partition(";")
+        media = media.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media in ("application/json", "*/*", "application/*"):
+            kind = "json"
+        elif media in ("text/plain", "text/*", "text/html"):
+            kind = "text"
+        else:
+            continue
+        if q > best_q:
+            best_kind, best_q = kind, q
+    return best_kind == "text"
+
+
+def error_response(status: int, message: str, request_id: str, accept: bytes | None, close: bool,
+                   extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A complete gateway-generated answer in Kong's shape (JSON by default, text/plain on request)."""
+    if wants_text(accept):
+        body = f"{message}\nrequest_id: {request_id}\n".encode()
+        content_type = b"text/plain; charset=utf-8"
+    else:
+        body = b'{\n  "message":' + orjson.dumps(message) + b',\n  "request_id":"' + request_id.encode() + b'"\n}'
+        content_type = b"application/json; charset=utf-8"
+    parts = [
+        status_line(status),
+        b"Content-Type: ", content_type, b"\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Server: ", SERVER_TOKEN, b"\r\n",
+        b"X-Kong-Request-Id: ", request_id.encode(), b"\r\n",
+    ]
+    for name, value in extra_headers:
+        parts += [name, b": ", value, b"\r\n"]
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts += [b"\r\n", body]
+    return b"".join(parts)
+
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+CHUNK_END = b"0\r\n\r\n"

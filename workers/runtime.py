@@ -1,0 +1,136 @@
+"""Compile a validated config snapshot into a worker's tables: router, balancers, services.
+
+Runs once per config generation, off the request path; the result is immutable apart
+from the balancers' per-worker state (wheel pointer, connection counts, EWMA).
+"""
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from fastpath.balancer import Balancer
+from fastpath.router import RouteSpec, Router
+
+if TYPE_CHECKING:
+    from ringgate.config import Config
+
+
+class UpstreamRuntime:
+    __slots__ = ("name", "balancer", "targets", "host_header", "hash_on", "hash_on_key", "observe_latency",
+                 "hash_fallback", "hash_fallback_key", "hash_cookie_path")
+
+    def __init__(self, upstream: Any) -> None:
+        self.name: str = upstream.name
+        self.targets: tuple[tuple[str, int, int], ...] = tuple(
+            (t.host, t.port, t.weight) for t in upstream.targets
+        )
+        self.balancer = Balancer(self.targets, upstream.algorithm, upstream.slots)
+        self.observe_latency: bool = upstream.algorithm == "latency"
+        self.host_header: str | None = upstream.host_header
+        self.hash_on: str = upstream.hash_on
+        self.hash_on_key: str | None = _hash_key(upstream, "hash_on", upstream.hash_on)
+        self.hash_fallback: str = upstream.hash_fallback
+        self.hash_fallback_key: str | None = _hash_key(upstream, "hash_fallback", upstream.hash_fallback)
+        self.hash_cookie_path: str = upstream.hash_on_cookie_path or "/"
+
+    def __repr__(self) -> str:
+        return f"<UpstreamRuntime {self.name} {self.balancer!r}>"
+
+
+def _hash_key(upstream: Any, prefix: str, mode: str) -> str | None:
+    if mode == "header":
+        value = getattr(upstream, f"{prefix}_header")
+        return value.lower() if value else None
+    if mode == "cookie":
+        return upstream.hash_on_cookie
+    if mode == "query_arg":
+        return getattr(upstream, f"{prefix}_query_arg")
+    if mode == "uri_capture":
+        return getattr(upstream, f"{prefix}_uri_capture")
+    return None
+
+
+class ServiceRuntime:
+    __slots__ = ("id", "name", "scheme", "host", "port", "path", "retries", "connect_timeout",
+                 "write_timeout", "read_timeout", "upstream", "ssl_context", "default_host_header")
+
+    def __init__(self, service: Any, upstream: UpstreamRuntime | None) -> None:
+        self.id: str = service.id
+        self.name: str | None = service.name
+        self.scheme: str = service.protocol
+        self.host: str = service.host
+        self.port: int = service.port
+        self.path: str | None = service.path
+        self.retries: int = service.retries
+        # Kong's timeouts are milliseconds; the loop works in seconds.
+        self.connect_timeout: float = service.connect_timeout / 1000.0
+        self.write_timeout: float = service.write_timeout / 1000.0
+        self.read_timeout: float = service.read_timeout / 1000.0
+        self.upstream = upstream
+        self.ssl_context: ssl.SSLContext | None = _client_tls(service) if self.scheme == "https" else None
+        self.default_host_header: str = host_header_value(self.host, self.port, self.scheme)
+
+    def __repr__(self) -> str:
+        return f"<ServiceRuntime {self.name or self.id} {self.scheme}://{self.host}:{self.port}>"
+
+
+def host_header_value(host: str, port: int, scheme: str) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    if (scheme == "http" and port == 80) or (scheme == "https" and port == 443):
+        return host
+    return f"{host}:{port}"
+
+
+def _client_tls(service: Any) -> ssl.SSLContext:
+    # tls_verify null/false = nginx's proxy_ssl_verify off, Kong's default.
+    if service.tls_verify:
+        ctx = ssl.create_default_context()
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class RouteRuntime:
+    __slots__ = ("id", "name", "service", "preserve_host", "protocols")
+
+    def __init__(self, route: Any, service: ServiceRuntime | None) -> None:
+        self.id: str = route.id
+        self.name: str | None = route.name
+        self.service = service
+        self.preserve_host: bool = route.preserve_host
+        self.protocols: tuple[str, ...] = tuple(route.protocols)
+
+
+class Runtime:
+    """Everything a worker needs to serve one config generation."""
+
+    __slots__ = ("router", "services", "upstreams", "config_hash", "header_names")
+
+    def __init__(self, config: "Config") -> None:
+        self.upstreams: dict[str, UpstreamRuntime] = {u.name: UpstreamRuntime(u) for u in config.upstreams}
+        self.services: dict[str, ServiceRuntime] = {}
+        for service in config.services:
+            self.services[service.id] = ServiceRuntime(service, self.upstreams.get(service.host))
+        specs = []
+        for route in config.routes:
+            service = self.services.get(route.service) if route.service else None
+            if service is not None and not _service_enabled(config, route.service):
+                continue  # Kong drops a disabled service's routes from the router
+            specs.append(RouteSpec(
+                id=route.id, name=route.name, hosts=route.hosts, paths=route.paths, methods=route.methods,
+                headers=route.headers, regex_priority=route.regex_priority, strip_path=route.strip_path,
+                preserve_host=route.preserve_host, path_handling=route.path_handling,
+                service_path=service.path if service is not None else None,
+                protocols=tuple(route.protocols), payload=RouteRuntime(route, service),
+            ))
+        self.router = Router(specs)
+        self.header_names: frozenset[str] = self.router.header_names
+        self.config_hash: str = config.config_hash
+
+
+def _service_enabled(config: "Config", service_id: str) -> bool:
+    return bool(config.service(service_id).enabled)

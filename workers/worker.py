@@ -1,0 +1,137 @@
+"""A proxy worker process: its uvloop loop, its tables, its pool, its share of the arena."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import uvloop
+
+from shared_state import arena as arena_fields
+from workers.proxy import ClientProtocol, worker_request_id_prefix
+from workers.runtime import Runtime
+from workers.upstream import Resolver, UpstreamPool
+
+if TYPE_CHECKING:
+    from ringgate.config import Config
+    from ringgate.settings import Settings
+    from shared_state.arena import Arena, WorkerStats
+
+log = logging.getLogger("ringgate.worker")
+
+PR_SET_PDEATHSIG = 1
+
+
+class WorkerContext:
+    """State shared by every connection of one worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: "Settings", runtime: Runtime,
+                 stats: "WorkerStats", listen_port: int) -> None:
+        self.loop = loop
+        self.settings = settings
+        self.runtime = runtime
+        self.stats = stats
+        self.listen_port = listen_port
+        self.listen_port_bytes = str(listen_port).encode()
+        self.pool = UpstreamPool(loop, settings)
+        self.resolver = Resolver(loop)
+        self.connections: set[ClientProtocol] = set()
+        self.draining = False
+        self._id_prefix = worker_request_id_prefix()
+        self._id_counter = 0
+        self._trusted = settings.trusted_ips
+        self._trust_cache: dict[str, bool] = {}
+
+    def next_request_id(self) -> str:
+        self._id_counter += 1
+        return f"{self._id_prefix}{self._id_counter:016x}"
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self._trusted:
+            return False
+        known = self._trust_cache.get(ip)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(ip)
+                known = any(address in net for net in self._trusted)
+            except ValueError:
+                known = False
+            if len(self._trust_cache) > 10000:
+                self._trust_cache.clear()
+            self._trust_cache[ip] = known
+        return known
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket.socket, arena: "Arena",
+               ready_fd: int) -> int:
+    """Serve until told to stop; returns the process exit status."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us by SIGTERM
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stats = arena.worker_stats(slot)
+    stats.set(arena_fields.PID, os.getpid())
+    stats.set(arena_fields.STARTED_AT_MS, int(time.time() * 1000))
+    ctx = WorkerContext(loop, settings, Runtime(config), stats, listen.getsockname()[1])
+    server = loop.run_until_complete(
+        loop.create_server(lambda: ClientProtocol(ctx), sock=listen, backlog=4096)
+    )
+    stopped = asyncio.Event()
+
+    def begin_drain() -> None:
+        if ctx.draining:
+            return
+        ctx.draining = True
+        server.close()
+        for conn in list(ctx.connections):
+            conn.close_if_idle()
+        deadline = loop.time() + settings.drain_timeout
+
+        def check() -> None:
+            if not ctx.connections or loop.time() >= deadline:
+                for conn in list(ctx.connections):
+                    conn.abort()
+                stopped.set()
+                return
+            loop.call_later(0.05, check)
+
+        check()
+
+    def heartbeat() -> None:
+        stats.set(arena_fields.HEARTBEAT_MS, int(time.time() * 1000))
+        loop.call_later(1.0, heartbeat)
+
+    loop.add_signal_handler(signal.SIGTERM, begin_drain)
+    heartbeat()
+    _report_ready(ready_fd, b"w")
+    try:
+        loop.run_until_complete(stopped.wait())
+        ctx.pool.close_all()
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    return 0
+
+
+def _report_ready(ready_fd: int, token: bytes) -> None:
+    # A respawned child's master is not listening for this any more; that is fine.
+    try:
+        os.write(ready_fd, token)
+    except OSError:
+        pass
+    os.close(ready_fd)
