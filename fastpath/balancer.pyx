@@ -211,6 +211,8 @@ cdef class Balancer:
     in the last two go to the first target at or after a cursor that turns by one per pick.
     """
 
+    # the annotations document the Python API; the checks below do the validation
+    @cython.annotation_typing(False)
     def __init__(self, targets: Sequence[tuple[str, int, int]], algorithm: str = "round-robin",
                  slots: int = 10000, seed: int | None = None) -> None:
         self._free_tables()

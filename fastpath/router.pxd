@@ -60,6 +60,7 @@ cdef class _Bucket:
     # prefix lengths of `prefixes`, longest first.
     cdef dict prefixes            # prefix str -> tuple of _Entry
     cdef Py_ssize_t* lengths
+    cdef Py_ssize_t* length_min_ranks  # best rank among the prefixes of lengths[i]
     cdef Py_ssize_t n_lengths
     cdef tuple regexes            # tuple of _Entry, or None
     cdef tuple pathless           # tuple of _Entry, or None

@@ -572,7 +572,9 @@ cdef class _Entry:
 cdef class _Bucket:
     def __dealloc__(self) -> None:
         PyMem_Free(self.lengths)
+        PyMem_Free(self.length_min_ranks)
         self.lengths = NULL
+        self.length_min_ranks = NULL
 
 
 @cython.final
@@ -626,14 +628,21 @@ cdef _Bucket _make_bucket(list entries):
     bucket.regexes = tuple(regexes) if regexes else None
     bucket.pathless = tuple(pathless) if pathless else None
     bucket.min_rank = (<_Entry>entries[0]).rank
-    lengths = sorted({len(prefix) for prefix in prefixes}, reverse=True)
+    cdef dict min_rank_by_length = {}
+    for prefix, group in prefixes.items():
+        rank = (<_Entry>group[0]).rank
+        if rank < min_rank_by_length.get(len(prefix), rank + 1):
+            min_rank_by_length[len(prefix)] = rank
+    lengths = sorted(min_rank_by_length, reverse=True)
     bucket.n_lengths = len(lengths)
     if lengths:
         bucket.lengths = <Py_ssize_t*>PyMem_Malloc(len(lengths) * sizeof(Py_ssize_t))
-        if bucket.lengths == NULL:
+        bucket.length_min_ranks = <Py_ssize_t*>PyMem_Malloc(len(lengths) * sizeof(Py_ssize_t))
+        if bucket.lengths == NULL or bucket.length_min_ranks == NULL:
             raise MemoryError()
         for i, length in enumerate(lengths):
             bucket.lengths[i] = length
+            bucket.length_min_ranks[i] = min_rank_by_length[length]
     if RINGGATE_DEBUG:
         _check_bucket(bucket)
     return bucket
@@ -653,6 +662,10 @@ cdef void _check_bucket(_Bucket bucket) except *:
     for i in range(1, bucket.n_lengths):
         if bucket.lengths[i] >= bucket.lengths[i - 1]:
             raise AssertionError("router prefix lengths not strictly descending")
+    for prefix, group in bucket.prefixes.items():
+        for i in range(bucket.n_lengths):
+            if bucket.lengths[i] == len(prefix) and bucket.length_min_ranks[i] > (<_Entry>group[0]).rank:
+                raise AssertionError("router length_min_ranks above a prefix's best rank")
 
 
 cdef _HostTable _make_host_table(dict plain, dict ported):
@@ -743,6 +756,8 @@ cdef inline int _scan_regexes(tuple entries, RouteMatch res, str method, str pat
             return 0
         if entry.methods is not None and method not in entry.methods:
             continue
+        if entry.header_rules is not None and not _headers_match(entry.header_rules, headers):
+            continue
         m = entry.regex_match(path)
         if m is None:
             continue
@@ -761,7 +776,8 @@ cdef int _scan_bucket(_Bucket bucket, RouteMatch res, str method, str path, obje
         return 0
     for i in range(bucket.n_lengths):
         length = bucket.lengths[i]
-        if length > path_len:
+        # a probe costs a slice and a hash: skip lengths that cannot win
+        if length > path_len or bucket.length_min_ranks[i] >= res._best_rank:
             continue
         group = PyDict_GetItem(bucket.prefixes, path if length == path_len else path[:length])
         if group != NULL:

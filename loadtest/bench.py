@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TypedDict
 
 LOADTEST_DIR = Path(__file__).resolve().parent
 REPO_ROOT = LOADTEST_DIR.parent
@@ -157,33 +158,34 @@ class Server:
             if start is not None:
                 self.known_tree[pid] = start
 
-    def stop(self, stop_signal: int) -> str | None:
+    def stop(self, stop_signal: int) -> list[str]:
         """Signal the root by PID, wait, then SIGKILL whatever of the recorded tree is left.
-        Returns a warning when the graceful stop did not work."""
+        Returns warnings for every process that had to be killed."""
         self.refresh_tree()
-        warning = None
+        warnings: list[str] = []
         if self.process.poll() is None:
             os.kill(self.process.pid, stop_signal)
             try:
                 self.process.wait(timeout=STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
-                warning = f"{self.name} (pid {self.process.pid}) ignored {signal.Signals(stop_signal).name}; killed"
+                warnings.append(f"{self.name} (pid {self.process.pid}) ignored "
+                                f"{signal.Signals(stop_signal).name} for {STOP_GRACE_SECONDS:g} s; killed")
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=STOP_GRACE_SECONDS)
+        children = {pid: start for pid, start in self.known_tree.items() if pid != self.process.pid}
+        # Give children a moment to follow their parent out before forcing them.
         deadline = time.monotonic() + 5.0
-        for pid, start in self.known_tree.items():
-            if pid == self.process.pid:
+        while any(_proc_start_time(pid) == start for pid, start in children.items()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid, start in children.items():
+            if _proc_start_time(pid) != start:
                 continue
-            # Give children a moment to follow their parent out before forcing them.
-            while _proc_start_time(pid) == start and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _proc_start_time(pid) == start:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    continue
-                warning = (warning or "") + f" {self.name}: child pid {pid} outlived its parent; killed"
-        return warning
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            warnings.append(f"{self.name}: child pid {pid} outlived its parent; killed")
+        return warnings
 
 
 class Supervisor:
@@ -212,11 +214,9 @@ class Supervisor:
         while self.servers:
             server = self.servers.pop()
             try:
-                warning = server.stop(stop_signals.get(server.name, signal.SIGQUIT))
+                self.warnings += server.stop(stop_signals.get(server.name, signal.SIGQUIT))
             except (OSError, subprocess.TimeoutExpired) as error:
-                warning = f"could not stop {server.name} (pid {server.process.pid}): {error}"
-            if warning:
-                self.warnings.append(warning.strip())
+                self.warnings.append(f"could not stop {server.name} (pid {server.process.pid}): {error}")
 
 
 @contextmanager
@@ -459,10 +459,25 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def memory_of_tree(root_pid: int) -> dict[str, object]:
+@dataclass(frozen=True)
+class ProcessMemory:
+    pid: int
+    command: str
+    rss_kib: int
+    pss_kib: int
+
+
+class TreeMemory(TypedDict):
+    processes: list[dict[str, object]]
+    process_count: int
+    rss_kib_total: int
+    pss_kib_total: int
+
+
+def memory_of_tree(root_pid: int) -> TreeMemory:
     """RSS and PSS of a process and its descendants. RSS summed over processes counts shared
     pages (forked workers, shared memory) once per process; PSS splits them, so it sums honestly."""
-    processes = []
+    processes: list[ProcessMemory] = []
     for pid in process_tree(root_pid):
         fields: dict[str, int] = {}
         try:
@@ -473,12 +488,12 @@ def memory_of_tree(root_pid: int) -> dict[str, object]:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        processes.append({"pid": pid, "command": command[:120], "rss_kib": fields.get("VmRSS", 0),
-                          "pss_kib": fields.get("Pss", 0)})
+        processes.append(ProcessMemory(pid, command[:120], fields.get("VmRSS", 0), fields.get("Pss", 0)))
     return {
-        "processes": processes,
-        "rss_kib_total": sum(p["rss_kib"] for p in processes),
-        "pss_kib_total": sum(p["pss_kib"] for p in processes),
+        "processes": [asdict(process) for process in processes],
+        "process_count": len(processes),
+        "rss_kib_total": sum(process.rss_kib for process in processes),
+        "pss_kib_total": sum(process.pss_kib for process in processes),
     }
 
 
@@ -516,8 +531,7 @@ def add_ratios(cases: list[CaseResult]) -> None:
         case.p99_ratio_to_nginx = case.result.p99_us / nginx.p99_us if nginx.p99_us > 0 else None
 
 
-def background_line(busy: object, settings: dict[str, object]) -> str:
-    assert isinstance(busy, dict)
+def background_line(busy: dict[str, float], settings: dict[str, object]) -> str:
     line = (f"- background load in the second before the servers started: CPU {settings['proxy_cpus']} "
             f"{busy['proxy']:.0%} busy, CPU {settings['load_cpus']} {busy['load']:.0%} busy")
     if max(busy.values()) > NOISY_CPU_BUSY:
@@ -525,10 +539,11 @@ def background_line(busy: object, settings: dict[str, object]) -> str:
     return line
 
 
-def markdown_report(cases: list[CaseResult], meta: dict[str, object], memory: dict[str, dict[str, object]]) -> str:
-    machine = meta["machine"]
-    settings = meta["settings"]
-    assert isinstance(machine, dict) and isinstance(settings, dict)
+def markdown_report(
+    cases: list[CaseResult], meta: dict[str, object], memory: dict[str, TreeMemory]
+) -> str:
+    machine, settings, background_busy = meta["machine"], meta["settings"], meta["background_cpu_busy"]
+    assert isinstance(machine, dict) and isinstance(settings, dict) and isinstance(background_busy, dict)
     lines = [
         "## Ringgate vs nginx: loopback benchmark",
         "",
@@ -541,7 +556,7 @@ def markdown_report(cases: list[CaseResult], meta: dict[str, object], memory: di
         f"{settings['warmup_s']:g} s warm-up; ringgate --workers {settings['ringgate_workers']}, nginx 1 worker",
         f"- routes: {settings['routes']} prefix routes on both proxies; the benchmarked one is "
         f"#{settings['target_route_index']} `{settings['target_route']}`, after shorter decoy prefixes",
-        background_line(meta["background_cpu_busy"], settings),
+        background_line(background_busy, settings),
         "",
         "| target | size | req/s | p50 | p99 | req/s ratio to nginx | p99 ratio to nginx | errors "
         "| CPU busy (proxy / load) | origin conns opened |",
@@ -559,10 +574,8 @@ def markdown_report(cases: list[CaseResult], meta: dict[str, object], memory: di
         lines += ["", "Memory of each proxy after the run (whole process tree):", "",
                   "| proxy | processes | RSS | PSS |", "|---|---:|---:|---:|"]
         for name, info in memory.items():
-            processes = info["processes"]
-            assert isinstance(processes, list)
-            lines.append(f"| {TARGET_TITLES[name]} | {len(processes)} | {int(info['rss_kib_total']) / 1024:.1f} MiB"
-                         f" | {int(info['pss_kib_total']) / 1024:.1f} MiB |")
+            rss_mib, pss_mib = info["rss_kib_total"] / 1024, info["pss_kib_total"] / 1024
+            lines.append(f"| {TARGET_TITLES[name]} | {info['process_count']} | {rss_mib:.1f} MiB | {pss_mib:.1f} MiB |")
     return "\n".join(lines)
 
 
@@ -637,12 +650,10 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
     origin_port, nginx_port, ringgate_port, admin_port = free_ports(4)
     ports = {"origin": origin_port, "nginx": nginx_port, "ringgate": ringgate_port}
     proxied_prefix = routes.target_prefix.rstrip("/")
-    request_path = {
-        "origin": lambda size: size.origin_path,
-        "nginx": lambda size: proxied_prefix + size.origin_path,
-        "ringgate": lambda size: proxied_prefix + size.origin_path,
-    }
-    probe = SIZES[0]
+
+    def request_path(target: str, size: BodySize) -> str:
+        # Through a proxy, the route prefix is stripped again before the request reaches the origin.
+        return size.origin_path if target == "origin" else proxied_prefix + size.origin_path
 
     # The origin: workers run as an unprivileged user when nginx starts as root, so the body file
     # and the directories above it must be world-readable.
@@ -654,7 +665,6 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
     large_file.chmod(0o644)
     origin_conf = gen_config.nginx_origin_conf(origin_dir, origin_port, SIZES[0].body.decode(), large_file)
     origin = start_nginx(supervisor, "origin", origin_dir, origin_conf, origin_port, args.load_cpus)
-    wait_until_serving(origin, probe.origin_path, probe.body, args.startup_timeout, None)
     for size in SIZES:
         wait_until_serving(origin, size.origin_path, size.body, args.startup_timeout, None)
 
@@ -681,7 +691,7 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
         if name in servers:
             ready_line = RINGGATE_READY_PREFIX if name == "ringgate" else None
             for size in SIZES:
-                wait_until_serving(servers[name], request_path[name](size), size.body, args.startup_timeout, ready_line)
+                wait_until_serving(servers[name], request_path(name, size), size.body, args.startup_timeout, ready_line)
 
     script = work_dir / "report.lua"
     script.write_text(WRK_REPORT_LUA)
@@ -690,7 +700,7 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
         for name in TARGETS:
             if name not in targets:
                 continue
-            url = f"http://127.0.0.1:{ports[name]}{request_path[name](size)}"
+            url = f"http://127.0.0.1:{ports[name]}{request_path(name, size)}"
             print(f"bench: {TARGET_TITLES[name]}, {size.label}: {args.warmup:g} s warm-up, "
                   f"{args.duration:g} s measured ({url})", file=sys.stderr, flush=True)
             if args.warmup > 0:
@@ -713,7 +723,7 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
             ))
     add_ratios(cases)
 
-    memory = {name: memory_of_tree(servers[name].process.pid) for name in ("nginx", "ringgate") if name in servers}
+    memory: dict[str, TreeMemory] = {name: memory_of_tree(servers[name].process.pid) for name in ("nginx", "ringgate") if name in servers}
     meta: dict[str, object] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(sys.orig_argv),

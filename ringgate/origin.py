@@ -191,6 +191,7 @@ class OriginServer:
 
     def _run(self, sock: socket.socket) -> None:
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         self._loop = loop
         self._server = loop.run_until_complete(loop.create_server(lambda: _OriginProtocol(self), sock=sock))
         self._ready.set()

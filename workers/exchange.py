@@ -49,7 +49,7 @@ class Exchange:
         "stale_retry_done", "head_line", "head_rest", "host_line", "streaming", "done",
         "response_started", "chunked_out", "close_delimited", "client_keep_alive", "status",
         "bytes_out", "out", "t_sent", "t_head", "hash_value", "set_cookie", "upstream_keep_alive",
-        "no_body", "connect_task", "sni",
+        "no_body", "connect_task", "sni", "picked",
     )
 
     def __init__(self, client: "ClientProtocol", req: "Request", match: Any, route: "RouteRuntime",
@@ -66,6 +66,7 @@ class Exchange:
         self.tries_left = service.retries
         self.excluded: set[int] | None = None
         self.target = -1
+        self.picked = False
         self.target_host = ""
         self.target_port = 0
         self.conn: UpstreamConnection | None = None
@@ -189,6 +190,7 @@ class Exchange:
                 self._fail(503, http11.MSG_NO_PEER)
                 return
             self.target = index
+            self.picked = True
             self.target_host, self.target_port, _ = upstream.targets[index]
         else:
             self.target_host, self.target_port = service.host, service.port
@@ -308,10 +310,14 @@ class Exchange:
         else:
             self._fail(502, http11.MSG_BAD_GATEWAY)
 
+    def _release_target(self) -> None:
+        # Exactly one release per pick (least-connections counts in-flight requests).
+        if self.picked:
+            self.picked = False
+            self.upstream.balancer.release(self.target)  # type: ignore[union-attr]
+
     def _end_target(self) -> None:
-        upstream = self.upstream
-        if upstream is not None and self.target >= 0:
-            upstream.balancer.release(self.target)
+        self._release_target()
         conn = self.conn
         if conn is not None:
             self.conn = None
@@ -418,10 +424,9 @@ class Exchange:
             self.out.append(http11.CHUNK_END)
         self.on_upstream_flush()
         upstream = self.upstream
-        if upstream is not None and self.target >= 0:
-            upstream.balancer.release(self.target)
-            if upstream.observe_latency:
-                upstream.balancer.observe(self.target, self.t_head - self.t_sent, self.t_head)
+        if upstream is not None and self.picked and upstream.observe_latency:
+            upstream.balancer.observe(self.target, self.t_head - self.t_sent, self.t_head)
+        self._release_target()
         self.conn = None
         reusable = self.upstream_keep_alive and self.req.body_done
         conn.detach()
@@ -449,9 +454,7 @@ class Exchange:
             self.on_upstream_flush()
             self.conn = None
             conn.detach()
-            upstream = self.upstream
-            if upstream is not None and self.target >= 0:
-                upstream.balancer.release(self.target)
+            self._release_target()
             self._finish(self.client_keep_alive)
             return
         # The stream broke after it started: the client must see an incomplete answer.

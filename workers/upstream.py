@@ -297,12 +297,23 @@ class Resolver:
         self.ttl = ttl
         self.cache: dict[str, tuple[float, list[str], int]] = {}
 
-    @staticmethod
-    def literal(host: str) -> str | None:
+    _literals: dict[str, str | None] = {}
+
+    @classmethod
+    def literal(cls, host: str) -> str | None:
+        """The host as a normalized IP if it is an IP literal, else None (cached: hosts come from config)."""
         try:
-            return str(ipaddress.ip_address(host.strip("[]")))
+            return cls._literals[host]
+        except KeyError:
+            pass
+        try:
+            value: str | None = str(ipaddress.ip_address(host.strip("[]")))
         except ValueError:
-            return None
+            value = None
+        if len(cls._literals) > 4096:
+            cls._literals.clear()
+        cls._literals[host] = value
+        return value
 
     async def resolve(self, host: str) -> str:
         ip = self.literal(host)

@@ -43,8 +43,11 @@ except AttributeError:  # PyYAML built without libyaml
 ENTITY_COLLECTIONS: Final = ("services", "routes", "upstreams", "targets", "plugins")
 # Accepted and kept (in to_dict and the hash) but not interpreted yet.
 OPAQUE_COLLECTIONS: Final = ("consumers", "certificates", "ca_certificates", "snis")
-_META_TYPES: Final = {"_transform": (bool, "expected a boolean"), "_comment": (str, "expected a string"),
-                      "_workspace": (str, "expected a string")}  # fmt: skip
+_META_TYPES: Final = {
+    "_transform": (bool, "expected a boolean"),
+    "_comment": (str, "expected a string"),
+    "_workspace": (str, "expected a string"),
+}
 
 _MODELS: Final[dict[str, type[Entity]]] = {
     "services": Service, "routes": Route, "upstreams": Upstream, "targets": Target, "plugins": Plugin,
@@ -165,7 +168,9 @@ def _load_text(text: str, source: str, as_json: bool) -> Config:
         try:
             data = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            raise ConfigError(source, [f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"]) from None
+            raise ConfigError(
+                source, [f"JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
+            ) from None
     else:
         try:
             data = yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a safe loader
@@ -285,7 +290,9 @@ class _Loader:
         if parent is not None:
             parent_field = _PARENT_FIELD[parent.collection]
             if data.get(parent_field) is not None:
-                self.fail("value must be null: a nested entry is linked to its parent automatically", ref, (parent_field,))
+                self.fail(
+                    "value must be null: a nested entry is linked to its parent automatically", ref, (parent_field,)
+                )
                 entry.broken_fields.add(parent_field)
         self.entries[collection].append(entry)
         for child, value in children.items():
@@ -319,7 +326,7 @@ class _Loader:
             for entry in self.entries[collection]:
                 if entry.parent is not None:
                     parent_field = _PARENT_FIELD[entry.parent.collection]
-                    entry.ref.raw[parent_field] = {"id": entry.parent.id}
+                    entry.ref.raw.setdefault(parent_field, {"id": entry.parent.id})
 
     def _id_key(self, entry: _Entry) -> str | None:
         """Kong's key for a generated id: the endpoint key, scoped by parent where not unique."""
@@ -368,6 +375,7 @@ class _Loader:
                 if collection == "plugins" and entry.data.get("consumer") is not None:
                     self.fail("consumer-scoped plugins are not supported by Ringgate yet", entry.ref, ("consumer",))
                     entry.data["consumer"] = None
+                    entry.broken_fields.add("consumer")
 
     def _resolve(self, entry: _Entry, field_name: str, value: Any, target: str, keys: dict[str, str]) -> str | None:
         key: Any = value
@@ -381,7 +389,9 @@ class _Loader:
             return None
         found = keys.get(key)
         if found is None:
-            self.fail(f"invalid reference '{field_name}: {key}' (no such entry in '{target}')", entry.ref, (field_name,))
+            self.fail(
+                f"invalid reference '{field_name}: {key}' (no such entry in '{target}')", entry.ref, (field_name,)
+            )
         return found
 
     # -- validation ------------------------------------------------------------------------------
@@ -390,8 +400,9 @@ class _Loader:
         for collection, entries in self.entries.items():
             model_type = _MODELS[collection]
             for entry in entries:
-                if entry.data.get("id") is None:
-                    entry.data["id"] = entry.id
+                # Kong reads null as "not set": required fields report missing, others take defaults.
+                entry.data = {key: value for key, value in entry.data.items() if value is not None}
+                entry.data.setdefault("id", entry.id)
                 try:
                     entry.model = model_type.model_validate(entry.data)
                 except ValidationError as exc:
@@ -419,38 +430,35 @@ class _Loader:
             names: set[str] = set()
             for entry in self.entries[collection]:
                 name = entry.data.get("name")
-                if not isinstance(name, str):
-                    continue
-                if name in names:
-                    self._duplicate(entry, f"uniqueness violation: '{collection}' entity with name set to '{name}' already declared")
-                names.add(name)
+                if isinstance(name, str):
+                    if name in names:
+                        self._duplicate(entry, _unique_message(collection, "name", name))
+                    names.add(name)
         pairs: set[tuple[Any, str]] = set()
         for entry in self.entries["targets"]:
             target = entry.model.target if isinstance(entry.model, Target) else entry.data.get("target")
-            if isinstance(target, str):
+            if isinstance(target, str) and not entry.broken_fields:
                 pair = (entry.data.get("upstream"), target)
                 if pair in pairs:
-                    self._duplicate(
-                        entry, f"uniqueness violation: 'targets' entity with target set to '{target}' already declared"
-                    )
+                    self._duplicate(entry, _unique_message("targets", "target", target))
                 pairs.add(pair)
-        scopes: set[tuple[str, Any, Any, Any]] = set()
+        scopes: set[tuple[Any, ...]] = set()
         for entry in self.entries["plugins"]:
             name = entry.data.get("name")
+            if entry.broken_fields or not isinstance(name, str):
+                continue  # a scope with an unresolved reference is not comparable
             scope = (name, entry.data.get("route"), entry.data.get("service"), entry.data.get("consumer"))
-            if isinstance(name, str) and all(part is None or isinstance(part, str) for part in scope[1:]):
-                if scope in scopes:
-                    self._duplicate(
-                        entry,
-                        f"uniqueness violation: 'plugins' entity with name set to '{name}' "
-                        "already declared for the same route, service and consumer",
-                    )
-                scopes.add(scope)
+            if scope in scopes:
+                self._duplicate(
+                    entry, _unique_message("plugins", "name", name) + " for the same route, service and consumer"
+                )
+            scopes.add(scope)
         for collection, entries in self.entries.items():
             ids: set[str] = set()
             for entry in entries:
-                if entry.id in ids and not entry.duplicate:
-                    self._duplicate(entry, f"uniqueness violation: '{collection}' entity with primary key set to '{entry.id}' already declared")
+                # Generated ids repeat exactly when the key they come from does: reported above.
+                if entry.id in ids and not entry.duplicate and not entry.broken_fields:
+                    self._duplicate(entry, _unique_message(collection, "primary key", entry.id))
                 ids.add(entry.id)
 
     def _duplicate(self, entry: _Entry, message: str) -> None:
@@ -488,6 +496,10 @@ def _label(collection: str, item: Any) -> str | None:
     key = "target" if collection == "targets" else "name"
     value = item.get(key)
     return f"{key} '{value}'" if isinstance(value, str) and value else None
+
+
+def _unique_message(collection: str, key: str, value: str) -> str:
+    return f"uniqueness violation: '{collection}' entity with {key} set to '{value}' already declared"
 
 
 def _copy_tree(value: Any) -> Any:

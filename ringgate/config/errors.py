@@ -72,7 +72,9 @@ class EntityRef:
         return " > ".join(level.render() for level in self.levels)
 
     def sort_key(self) -> tuple[tuple[int, int], ...]:
-        return tuple((_COLLECTION_RANK.get(level.collection, len(_COLLECTION_RANK)), level.index) for level in self.levels)
+        return tuple(
+            (_COLLECTION_RANK.get(level.collection, len(_COLLECTION_RANK)), level.index) for level in self.levels
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,15 +164,15 @@ class ConfigError(Exception):
                 }
                 entries[id(entity)] = entry
             if problem.field:
-                entry["errors"].append({"type": "field", "field": _kong_field(problem.field), "message": problem.message})
+                entry["errors"].append(
+                    {"type": "field", "field": _kong_field(problem.field), "message": problem.message}
+                )
             else:
                 entry["errors"].append({"type": "entity", "message": problem.message})
         return list(entries.values())
 
 
-def problems_from_validation_error(
-    error: ValidationError, entity: EntityRef, prefix: FieldPath = ()
-) -> list[Problem]:
+def problems_from_validation_error(error: ValidationError, entity: EntityRef, prefix: FieldPath = ()) -> list[Problem]:
     """Translate pydantic's errors for one entity into Problems with Kong's messages."""
     problems: list[Problem] = []
     for detail in error.errors(include_url=False):

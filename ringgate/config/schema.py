@@ -438,8 +438,8 @@ def _service_url_parts(url: str) -> dict[str, Any]:
         raise ValueError(f"could not parse url: {exc}") from None
     protocol = parts.scheme.lower() or ("https" if parsed.port == 443 else "http")
     port = parsed.port if parsed.port is not None else (443 if protocol == "https" else 80)
-    host = f"[{parsed.host}]" if parsed.kind == "ipv6" else parsed.host
-    return {"protocol": protocol, "host": host, "port": port, "path": parts.path or None}
+    # An IPv6 host comes out without its brackets, as Kong's url parser returns it.
+    return {"protocol": protocol, "host": parsed.host, "port": port, "path": parts.path or None}
 
 
 _URL_FIELDS: Final = ("protocol", "host", "port", "path")
@@ -463,8 +463,6 @@ class Service(Entity):
     tls_verify_depth: Annotated[int, Strict(), _between(0, 64)] | None = None
     ca_certificates: tuple[UUIDStr, ...] | None = None
     client_certificate: UUIDStr | None = None
-    # Input-only shorthand; always None once validated (expanded into the four fields above).
-    url: Str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -474,23 +472,23 @@ class Service(Entity):
         data = dict(data)
         if "client_certificate" in data:
             data["client_certificate"] = _certificate_reference(data["client_certificate"])
-        url = data.get("url")
-        conflicting = [name for name in _URL_FIELDS if data.get(name) is not None]
-        if isinstance(url, str) and not conflicting:
-            try:
-                parts = _service_url_parts(url)
-            except ValueError as exc:
-                raise entity_errors([(("url",), str(exc))]) from None
-            del data["url"]
-            data.update(parts)
+        url = data.pop("url", None)
+        if url is None:
+            return data
+        # The shorthand decides protocol, host, port and path: report its own problems alone.
+        if not isinstance(url, str):
+            raise entity_errors([(("url",), "expected a string")])
+        if any(data.get(name) is not None for name in _URL_FIELDS):
+            raise entity_errors([(("url",), "cannot be combined with 'protocol', 'host', 'port' or 'path'")])
+        try:
+            data.update(_service_url_parts(url))
+        except ValueError as exc:
+            raise entity_errors([(("url",), str(exc))]) from None
         return data
 
     @model_validator(mode="after")
     def _entity_checks(self) -> Service:
         problems: list[tuple[FieldPath, str]] = []
-        if self.url is not None:
-            # Only reachable when the shorthand was combined with the fields it sets.
-            problems.append((("url",), "cannot be combined with 'protocol', 'host', 'port' or 'path'"))
         if self.protocol != "https":
             for name in ("tls_verify", "ca_certificates", "client_certificate"):
                 if getattr(self, name) is not None:
@@ -547,7 +545,10 @@ class Route(Entity):
             problems.append(((), f"must set one of {listed} when 'protocols' is '{label}'"))
         if self.snis and "https" not in self.protocols:
             problems.append(
-                (("snis",), "'snis' can only be set when 'protocols' is 'grpcs', 'https', 'tls', 'tls_passthrough', or 'wss'")
+                (
+                    ("snis",),
+                    "'snis' can only be set when 'protocols' is 'grpcs', 'https', 'tls', 'tls_passthrough', or 'wss'",
+                )
             )
         for name in ("sources", "destinations"):
             if getattr(self, name):

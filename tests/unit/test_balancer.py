@@ -89,8 +89,8 @@ def test_malformed_target_is_rejected(target: object) -> None:
         Balancer([target])  # type: ignore[list-item]
 
 
-@pytest.mark.parametrize("slots", [0, -5, 65537])
-def test_bad_slots_are_rejected(slots: int) -> None:
+@pytest.mark.parametrize("slots", [0, -5, 65537, 1.5, True])
+def test_bad_slots_are_rejected(slots: object) -> None:
     with pytest.raises(ValueError, match="slots"):
         Balancer(THREE, "consistent-hashing", slots=slots)
 

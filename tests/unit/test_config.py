@@ -81,6 +81,21 @@ def test_to_dict_is_canonical_declarative_form() -> None:
             uuid.UUID(entity["id"])
 
 
+@pytest.mark.parametrize("path", sorted(EXAMPLE.parent.glob("*.yml")), ids=lambda p: p.name)
+def test_every_example_loads_and_round_trips(path: Path) -> None:
+    config = load_file(str(path))
+    assert config.services and config.routes
+    assert load_dict(config.to_dict()).config_hash == config.config_hash
+
+
+def test_config_pickles_whole() -> None:
+    config = load_file(str(EXAMPLE))
+    copy = pickle.loads(pickle.dumps(config))
+    assert copy == config and copy.config_hash == config.config_hash
+    assert copy.service(config.services[0].id).name == "catalogue"
+    assert [(t.host, t.port) for t in copy.upstreams[1].targets][:2] == [("10.20.2.21", 9000), ("fd00::22", 9000)]
+
+
 def test_config_is_immutable() -> None:
     config = load_file(str(EXAMPLE))
     with pytest.raises((AttributeError, TypeError)):
@@ -179,7 +194,15 @@ def test_target_defaults_and_normalization() -> None:
         ("[::2]:8000", "::2", 8000, 100),
     ]
     # host and port are derived, not dumped
-    assert set(config.to_dict()["targets"][0]) == {"id", "created_at", "updated_at", "tags", "target", "weight", "upstream"}
+    assert set(config.to_dict()["targets"][0]) == {
+        "id",
+        "created_at",
+        "updated_at",
+        "tags",
+        "target",
+        "weight",
+        "upstream",
+    }
 
 
 def test_hash_on_switches_algorithm_to_consistent_hashing() -> None:
@@ -200,7 +223,7 @@ def test_hash_on_switches_algorithm_to_consistent_hashing() -> None:
         ("https://a.example.com", ("https", "a.example.com", 443, None)),
         ("https://a.example.com:8443/x/y", ("https", "a.example.com", 8443, "/x/y")),
         ("http://10.0.0.5:81/", ("http", "10.0.0.5", 81, "/")),
-        ("http://[::1]:8080/api", ("http", "[::1]", 8080, "/api")),
+        ("http://[::1]:8080/api", ("http", "::1", 8080, "/api")),
         ("a.example.com:443", ("https", "a.example.com", 443, None)),
         ("a.example.com:8080/p", ("http", "a.example.com", 8080, "/p")),
     ],
@@ -208,7 +231,7 @@ def test_hash_on_switches_algorithm_to_consistent_hashing() -> None:
 def test_url_shorthand_expands(url: str, expected: tuple[Any, ...]) -> None:
     service = load_dict(minimal(services=[{"name": "s", "url": url}])).services[0]
     assert (service.protocol, service.host, service.port, service.path) == expected
-    assert service.url is None
+    assert not hasattr(service, "url")
     assert "url" not in load_dict(minimal(services=[{"url": url}])).to_dict()["services"][0]
 
 
@@ -232,10 +255,15 @@ def test_nested_and_top_level_routes_reference_the_same_service() -> None:
         minimal(services=[{"name": "s1", "host": "h"}], routes=[{"name": "r", "service": "s1", "paths": ["/a"]}])
     )
     by_record = load_dict(
-        minimal(services=[{"name": "s1", "host": "h"}], routes=[{"name": "r", "service": {"name": "s1"}, "paths": ["/a"]}])
+        minimal(
+            services=[{"name": "s1", "host": "h"}], routes=[{"name": "r", "service": {"name": "s1"}, "paths": ["/a"]}]
+        )
     )
     by_id = load_dict(
-        minimal(services=[{"name": "s1", "host": "h"}], routes=[{"name": "r", "service": {"id": service_id}, "paths": ["/a"]}])
+        minimal(
+            services=[{"name": "s1", "host": "h"}],
+            routes=[{"name": "r", "service": {"id": service_id}, "paths": ["/a"]}],
+        )
     )
     by_bare_id = load_dict(
         minimal(services=[{"name": "s1", "host": "h"}], routes=[{"name": "r", "service": service_id, "paths": ["/a"]}])
@@ -252,9 +280,7 @@ def test_route_without_service_is_allowed() -> None:
 
 def test_service_given_an_explicit_id_is_referenced_by_it() -> None:
     given = "5a1b8e3c-0d2f-4c1e-9f10-0123456789ab"
-    config = load_dict(
-        minimal(services=[{"id": given, "host": "h"}], routes=[{"service": given, "paths": ["/"]}])
-    )
+    config = load_dict(minimal(services=[{"id": given, "host": "h"}], routes=[{"service": given, "paths": ["/"]}]))
     assert config.services[0].id == given
     assert config.routes[0].service == given
 
@@ -263,7 +289,10 @@ def test_targets_nested_and_top_level_merge_per_upstream() -> None:
     config = load_dict(
         minimal(
             upstreams=[{"name": "a.up", "targets": [{"target": "1.1.1.1:1"}]}, {"name": "b.up"}],
-            targets=[{"target": "2.2.2.2:2", "upstream": "b.up"}, {"target": "3.3.3.3:3", "upstream": {"name": "a.up"}}],
+            targets=[
+                {"target": "2.2.2.2:2", "upstream": "b.up"},
+                {"target": "3.3.3.3:3", "upstream": {"name": "a.up"}},
+            ],
         )
     )
     a, b = config.upstreams
@@ -284,7 +313,9 @@ def test_nested_plugins_get_their_parent_and_top_level_plugins_resolve(monkeypat
                     "name": "s",
                     "host": "h",
                     "plugins": [{"name": "cors"}],
-                    "routes": [{"name": "r", "paths": ["/"], "plugins": [{"name": "cors", "config": {"origins": ["*"]}}]}],
+                    "routes": [
+                        {"name": "r", "paths": ["/"], "plugins": [{"name": "cors", "config": {"origins": ["*"]}}]}
+                    ],
                 }
             ],
             plugins=[{"name": "cors", "route": "r", "service": "s"}, {"name": "cors"}],
@@ -292,7 +323,12 @@ def test_nested_plugins_get_their_parent_and_top_level_plugins_resolve(monkeypat
     )
     service_id, route_id = config.services[0].id, config.routes[0].id
     scopes = [(p.service, p.route, p.consumer) for p in config.plugins]
-    assert scopes == [(None, route_id, None), (service_id, None, None), (service_id, route_id, None), (None, None, None)]
+    assert scopes == [
+        (None, route_id, None),
+        (service_id, None, None),
+        (service_id, route_id, None),
+        (None, None, None),
+    ]
     assert config.plugins[0].config == {"origins": ["*"]}
     assert all(p.enabled is True and p.protocols == ("grpc", "grpcs", "http", "https") for p in config.plugins)
     assert len({p.id for p in config.plugins}) == 4
@@ -332,9 +368,7 @@ def test_opaque_collections_are_kept() -> None:
 
 def test_meta_keys_are_accepted_and_do_not_change_the_hash() -> None:
     plain = load_dict(minimal(services=[{"host": "h"}]))
-    with_meta = load_dict(
-        minimal(services=[{"host": "h"}], _transform=False, _comment="hello", _workspace="default")
-    )
+    with_meta = load_dict(minimal(services=[{"host": "h"}], _transform=False, _comment="hello", _workspace="default"))
     assert plain.config_hash == with_meta.config_hash
 
 
@@ -436,9 +470,14 @@ def test_hash_is_32_hex_and_ignores_key_order() -> None:
             return [reverse_keys(v) for v in value]
         return value
 
-    reordered = reverse_keys(yaml.safe_load(EXAMPLE.read_text()))
+    document = yaml.safe_load(EXAMPLE.read_text())
+    # opaque entries keep their own key order, so they show whether the hash sorts keys
+    document["consumers"] = [{"username": "alice", "custom_id": "a-1", "tags": ["vip"]}]
+    reordered = reverse_keys(document)
     assert list(reordered)[0] != "_format_version"
-    assert load_dict(reordered).config_hash == config.config_hash
+    assert list(reordered["consumers"][0]) == ["tags", "custom_id", "username"]
+    assert load_dict(reordered).config_hash == load_dict(document).config_hash
+    assert load_dict(document).config_hash != config.config_hash
 
 
 @pytest.mark.parametrize(

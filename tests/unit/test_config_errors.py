@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from ringgate.config import ConfigError, load_dict, load_file, load_text
-from ringgate.config import schema
+from ringgate.config import ConfigError, load_dict, load_file, load_text, schema
 
 
 def rejected(document: Any) -> list[str]:
@@ -108,7 +107,9 @@ def test_flattened_has_kongs_shape() -> None:
     assert service_entry["entity_name"] == "svc"
     assert service_entry["entity_tags"] == ["t1"]
     assert service_entry["entity"] == {"name": "svc", "host": "h", "tags": ["t1"], "port": -1}
-    assert service_entry["errors"] == [{"type": "field", "field": "port", "message": "value should be between 0 and 65535"}]
+    assert service_entry["errors"] == [
+        {"type": "field", "field": "port", "message": "value should be between 0 and 65535"}
+    ]
     service_id = service_entry["entity_id"]
     assert isinstance(service_id, str) and len(service_id) == 36
     assert route1_entry["entity_type"] == "route" and route1_entry["entity_name"] == "r1"
@@ -116,7 +117,10 @@ def test_flattened_has_kongs_shape() -> None:
     assert route1_entry["entity"]["service"] == {"id": service_id}
     assert route1_entry["errors"] == [{"type": "field", "field": "paths.2", "message": "must not have empty segments"}]
     assert route2_entry["errors"] == [
-        {"type": "entity", "message": "must set one of 'methods', 'hosts', 'headers', 'paths', 'snis' when 'protocols' is 'https'"}
+        {
+            "type": "entity",
+            "message": "must set one of 'methods', 'hosts', 'headers', 'paths', 'snis' when 'protocols' is 'https'",
+        }
     ]
     assert route2_entry["entity_tags"] is None
     # document-level problems have no entity to attach to
@@ -140,7 +144,9 @@ def test_yaml_syntax_error_reports_the_line() -> None:
 def test_yaml_mapping_error_reports_the_line() -> None:
     with pytest.raises(ConfigError) as caught:
         load_text('_format_version: "3.0"\nservices:\n- name: a\n  host: b: c\n')
-    assert caught.value.messages[0].startswith("YAML syntax error at line 4, column 9: mapping values are not allowed")
+    assert caught.value.messages[0] == (
+        "YAML syntax error at line 4, column 10: mapping values are not allowed in this context"
+    )
 
 
 def test_json_syntax_error_reports_the_line(tmp_path: Path) -> None:
@@ -169,7 +175,7 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b'_format_version: "3.0"\n_comment: caf\xe9\n')
     with pytest.raises(ConfigError) as caught:
         load_file(str(path))
-    assert caught.value.messages == ["the file is not valid UTF-8 (byte 34)"]
+    assert caught.value.messages == ["the file is not valid UTF-8 (byte 36)"]
 
 
 @pytest.mark.parametrize(
@@ -205,10 +211,11 @@ def test_meta_key_types() -> None:
 
 
 def test_collections_must_be_arrays_of_records() -> None:
+    # problems of the document itself come first, then the entities in file order
     assert rejected(doc(services={"name": "a"}, routes=["/a", {"paths": ["/"]}], consumers="bob")) == [
         "services: expected an array",
-        "routes[0]: expected a record",
         "consumers: expected an array",
+        "routes[0]: expected a record",
     ]
 
 
@@ -244,8 +251,14 @@ def test_nested_collection_must_be_an_array() -> None:
         ({"enabled": "yes"}, "enabled: expected a boolean"),
         ({"tls_verify": True}, "tls_verify: can only be set when 'protocol' is 'https'"),
         ({"protocol": "https", "tls_verify_depth": 65}, "tls_verify_depth: value should be between 0 and 64"),
-        ({"name": "a b"}, "name: invalid value 'a b': the only accepted ascii characters are alphanumerics or ., -, _, and ~"),
-        ({"tags": ["ok", "a,b"]}, "tags[1]: invalid tag 'a,b': expected printable ascii (except `,` and `/`) or valid utf-8 sequences"),
+        (
+            {"name": "a b"},
+            "name: invalid value 'a b': the only accepted ascii characters are alphanumerics or ., -, _, and ~",
+        ),
+        (
+            {"tags": ["ok", "a,b"]},
+            "tags[1]: invalid tag 'a,b': expected printable ascii (except `,` and `/`) or valid utf-8 sequences",
+        ),
         ({"colour": "red"}, "colour: unknown field"),
         ({"id": "not-a-uuid"}, "id: expected a valid UUID"),
     ],
@@ -299,8 +312,14 @@ def test_https_route_may_match_on_snis_alone() -> None:
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"protocols": ["grpc"], "paths": ["/"]}, "protocols[0]: protocol 'grpc' is not supported by Ringgate (supported: http, https)"),
-        ({"protocols": ["http", "ws"], "paths": ["/"]}, "protocols[1]: expected one of: http, https, grpc, grpcs, tcp, tls, tls_passthrough, udp"),
+        (
+            {"protocols": ["grpc"], "paths": ["/"]},
+            "protocols[0]: protocol 'grpc' is not supported by Ringgate (supported: http, https)",
+        ),
+        (
+            {"protocols": ["http", "ws"], "paths": ["/"]},
+            "protocols[1]: expected one of: http, https, grpc, grpcs, tcp, tls, tls_passthrough, udp",
+        ),
         ({"protocols": [], "paths": ["/"]}, "protocols: length must be at least 1"),
         ({"methods": ["GET", "post"]}, "methods[1]: invalid value: post"),
         ({"hosts": ["*.a.*"]}, "hosts[0]: invalid wildcard: must have at most one wildcard"),
@@ -314,22 +333,43 @@ def test_https_route_may_match_on_snis_alone() -> None:
         ({"paths": ["a"]}, "paths[0]: should start with: / (fixed path) or ~/ (regex path)"),
         ({"paths": ["/a%2"]}, "paths[0]: invalid url-encoded value: '%2'"),
         ({"paths": "/a"}, "paths: expected an array"),
-        ({"headers": {"Host": ["a"]}}, "headers.Host: cannot contain 'host' header, which must be specified in the 'hosts' attribute"),
+        (
+            {"headers": {"Host": ["a"]}},
+            "headers.Host: cannot contain 'host' header, which must be specified in the 'hosts' attribute",
+        ),
         ({"headers": {"x-a": "b"}}, "headers.x-a: expected an array"),
-        ({"headers": {"x a": ["b"]}}, "headers.x a: bad header name 'x a', allowed characters are A-Z, a-z, 0-9, '_', and '-'"),
-        ({"headers": {"x-a": ["ok", "~*[a"]}}, "headers.x-a[1]: invalid regex: '[a' (unterminated character set at position 0)"),
-        ({"paths": ["/"], "https_redirect_status_code": 300}, "https_redirect_status_code: expected one of: 426, 301, 302, 307, 308"),
+        (
+            {"headers": {"x a": ["b"]}},
+            "headers.x a: bad header name 'x a', allowed characters are A-Z, a-z, 0-9, '_', and '-'",
+        ),
+        (
+            {"headers": {"x-a": ["ok", "~*[a"]}},
+            "headers.x-a[1]: invalid regex: '[a' (unterminated character set at position 0)",
+        ),
+        (
+            {"paths": ["/"], "https_redirect_status_code": 300},
+            "https_redirect_status_code: expected one of: 426, 301, 302, 307, 308",
+        ),
         ({"paths": ["/"], "path_handling": "v2"}, "path_handling: expected one of: v0, v1"),
         ({"paths": ["/"], "strip_path": "no"}, "strip_path: expected a boolean"),
         ({"paths": ["/"], "regex_priority": "1"}, "regex_priority: expected an integer"),
-        ({"paths": ["/"], "sources": [{"ip": "10.0.0.1"}]}, "sources: cannot set 'sources' when 'protocols' is 'http' or 'https'"),
-        ({"paths": ["/"], "destinations": [{"port": 80}]}, "destinations: cannot set 'destinations' when 'protocols' is 'http' or 'https'"),
+        (
+            {"paths": ["/"], "sources": [{"ip": "10.0.0.1"}]},
+            "sources: cannot set 'sources' when 'protocols' is 'http' or 'https'",
+        ),
+        (
+            {"paths": ["/"], "destinations": [{"port": 80}]},
+            "destinations: cannot set 'destinations' when 'protocols' is 'http' or 'https'",
+        ),
         (
             {"paths": ["/"], "protocols": ["http"], "snis": ["a.com"]},
             "snis: 'snis' can only be set when 'protocols' is 'grpcs', 'https', 'tls', 'tls_passthrough', or 'wss'",
         ),
         ({"protocols": ["https"], "snis": ["10.0.0.1"]}, "snis[0]: must not be an IP"),
-        ({"paths": ["/"], "service": "a"}, "service: value must be null: a nested entry is linked to its parent automatically"),
+        (
+            {"paths": ["/"], "service": "a"},
+            "service: value must be null: a nested entry is linked to its parent automatically",
+        ),
         ({"paths": ["/"], "expression": "x"}, "expression: unknown field"),
     ],
 )
@@ -385,30 +425,63 @@ U = "upstreams[0] (name 'u.internal')"
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"algorithm": "random"}, "algorithm: expected one of: round-robin, consistent-hashing, least-connections, latency"),
-        ({"hash_on": "body"}, "hash_on: expected one of: none, consumer, ip, header, cookie, path, query_arg, uri_capture"),
+        (
+            {"algorithm": "random"},
+            "algorithm: expected one of: round-robin, consistent-hashing, least-connections, latency",
+        ),
+        (
+            {"hash_on": "body"},
+            "hash_on: expected one of: none, consumer, ip, header, cookie, path, query_arg, uri_capture",
+        ),
         ({"hash_on": "header"}, "hash_on_header: required field missing when 'hash_on' is 'header'"),
-        ({"hash_on": "ip", "hash_fallback": "header"}, "hash_fallback_header: required field missing when 'hash_fallback' is 'header'"),
+        (
+            {"hash_on": "ip", "hash_fallback": "header"},
+            "hash_fallback_header: required field missing when 'hash_fallback' is 'header'",
+        ),
         ({"hash_on": "cookie"}, "hash_on_cookie: required field missing when 'hash_on' is 'cookie'"),
-        ({"hash_on": "ip", "hash_fallback": "cookie"}, "hash_on_cookie: required field missing when 'hash_fallback' is 'cookie'"),
+        (
+            {"hash_on": "ip", "hash_fallback": "cookie"},
+            "hash_on_cookie: required field missing when 'hash_fallback' is 'cookie'",
+        ),
         ({"hash_on": "query_arg"}, "hash_on_query_arg: required field missing when 'hash_on' is 'query_arg'"),
-        ({"hash_on": "ip", "hash_fallback": "uri_capture"}, "hash_fallback_uri_capture: required field missing when 'hash_fallback' is 'uri_capture'"),
+        (
+            {"hash_on": "ip", "hash_fallback": "uri_capture"},
+            "hash_fallback_uri_capture: required field missing when 'hash_fallback' is 'uri_capture'",
+        ),
         ({"hash_fallback": "ip"}, "hash_fallback: must be 'none' when 'hash_on' is 'none'"),
-        ({"hash_on": "cookie", "hash_on_cookie": "sid", "hash_fallback": "ip"}, "hash_fallback: must be 'none' when 'hash_on' is 'cookie'"),
+        (
+            {"hash_on": "cookie", "hash_on_cookie": "sid", "hash_fallback": "ip"},
+            "hash_fallback: must be 'none' when 'hash_on' is 'cookie'",
+        ),
         ({"hash_on": "ip", "hash_fallback": "ip"}, "hash_fallback: must differ from 'hash_on' ('ip')"),
         ({"hash_on": "path", "hash_fallback": "path"}, "hash_fallback: must differ from 'hash_on' ('path')"),
-        ({"hash_on_header": "x y"}, "hash_on_header: bad header name 'x y', allowed characters are A-Z, a-z, 0-9, '_', and '-'"),
+        (
+            {"hash_on_header": "x y"},
+            "hash_on_header: bad header name 'x y', allowed characters are A-Z, a-z, 0-9, '_', and '-'",
+        ),
         ({"hash_on_cookie_path": "x"}, "hash_on_cookie_path: should start with: /"),
         ({"hash_on_query_arg": ""}, "hash_on_query_arg: length must be at least 1"),
         ({"slots": 9}, "slots: value should be between 10 and 65536"),
         ({"slots": 65537}, "slots: value should be between 10 and 65536"),
         ({"host_header": "a.internal:x"}, "host_header: invalid port number"),
         ({"healthchecks": {"threshold": 101}}, "healthchecks.threshold: value should be between 0 and 100"),
-        ({"healthchecks": {"active": {"timeout": 65536}}}, "healthchecks.active.timeout: value should be between 0 and 65535"),
-        ({"healthchecks": {"active": {"type": "udp"}}}, "healthchecks.active.type: expected one of: tcp, http, https, grpc, grpcs"),
-        ({"healthchecks": {"active": {"concurrency": 0}}}, "healthchecks.active.concurrency: value should be between 1 and 2147483648"),
+        (
+            {"healthchecks": {"active": {"timeout": 65536}}},
+            "healthchecks.active.timeout: value should be between 0 and 65535",
+        ),
+        (
+            {"healthchecks": {"active": {"type": "udp"}}},
+            "healthchecks.active.type: expected one of: tcp, http, https, grpc, grpcs",
+        ),
+        (
+            {"healthchecks": {"active": {"concurrency": 0}}},
+            "healthchecks.active.concurrency: value should be between 1 and 2147483648",
+        ),
         ({"healthchecks": {"active": {"http_path": "health"}}}, "healthchecks.active.http_path: should start with: /"),
-        ({"healthchecks": {"active": {"https_sni": "a.com:443"}}}, "healthchecks.active.https_sni: must not have a port"),
+        (
+            {"healthchecks": {"active": {"https_sni": "a.com:443"}}},
+            "healthchecks.active.https_sni: must not have a port",
+        ),
         (
             {"healthchecks": {"active": {"healthy": {"interval": -1}}}},
             "healthchecks.active.healthy.interval: value should be between 0 and 65535",
@@ -421,7 +494,10 @@ U = "upstreams[0] (name 'u.internal')"
             {"healthchecks": {"passive": {"unhealthy": {"http_statuses": [500, 1000]}}}},
             "healthchecks.passive.unhealthy.http_statuses[1]: value should be between 100 and 999",
         ),
-        ({"healthchecks": {"passive": {"healthy": {"succeses": 1}}}}, "healthchecks.passive.healthy.succeses: unknown field"),
+        (
+            {"healthchecks": {"passive": {"healthy": {"succeses": 1}}}},
+            "healthchecks.passive.healthy.succeses: unknown field",
+        ),
         ({"healthchecks": {"active": "on"}}, "healthchecks.active: expected a record"),
     ],
 )
@@ -430,7 +506,9 @@ def test_upstream_rules(fields: dict[str, Any], expected: str) -> None:
 
 
 def test_hash_header_names_must_be_distinct() -> None:
-    message = only_problem(upstream(hash_on="header", hash_on_header="x-a", hash_fallback="header", hash_fallback_header="x-a"))
+    message = only_problem(
+        upstream(hash_on="header", hash_on_header="x-a", hash_fallback="header", hash_fallback_header="x-a")
+    )
     assert message == f"{U}: values of these fields must be distinct: 'hash_on_header', 'hash_fallback_header'"
     # the same mode with different names is fine
     load_dict(upstream(hash_on="header", hash_on_header="x-a", hash_fallback="header", hash_fallback_header="x-b"))
@@ -456,12 +534,18 @@ def test_upstream_name_required() -> None:
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
-        ({"target": "a.internal:99999"}, "target: Invalid target ('a.internal:99999'); not a valid hostname or ip address"),
+        (
+            {"target": "a.internal:99999"},
+            "target: Invalid target ('a.internal:99999'); not a valid hostname or ip address",
+        ),
         ({"target": "no good"}, "target: Invalid target ('no good'); not a valid hostname or ip address"),
         ({"target": "a.internal", "weight": 65536}, "weight: value should be between 0 and 65535"),
         ({"target": "a.internal", "weight": -1}, "weight: value should be between 0 and 65535"),
         ({"weight": 5}, "target: required field missing"),
-        ({"target": "a.internal", "upstream": "u.internal"}, "upstream: value must be null: a nested entry is linked to its parent automatically"),
+        (
+            {"target": "a.internal", "upstream": "u.internal"},
+            "upstream: value must be null: a nested entry is linked to its parent automatically",
+        ),
     ],
 )
 def test_target_rules(target: dict[str, Any], expected: str) -> None:
@@ -472,7 +556,10 @@ def test_target_rules(target: dict[str, Any], expected: str) -> None:
 def test_target_unique_per_upstream_after_normalization() -> None:
     messages = rejected(
         doc(
-            upstreams=[{"name": "u.internal", "targets": [{"target": "10.0.0.1"}]}, {"name": "v.internal", "targets": [{"target": "10.0.0.1"}]}],
+            upstreams=[
+                {"name": "u.internal", "targets": [{"target": "10.0.0.1"}]},
+                {"name": "v.internal", "targets": [{"target": "10.0.0.1"}]},
+            ],
             targets=[{"target": "10.0.0.1:8000", "upstream": "u.internal"}],
         )
     )
@@ -483,12 +570,16 @@ def test_target_unique_per_upstream_after_normalization() -> None:
 
 
 def test_top_level_target_needs_an_upstream() -> None:
-    assert only_problem(doc(targets=[{"target": "a.internal:80"}])) == "targets[0] (target 'a.internal:80') > upstream: required field missing"
+    assert (
+        only_problem(doc(targets=[{"target": "a.internal:80"}]))
+        == "targets[0] (target 'a.internal:80') > upstream: required field missing"
+    )
 
 
 def test_upstream_names_are_unique() -> None:
     assert only_problem(doc(upstreams=[{"name": "u.internal"}, {"name": "u.internal"}])) == (
-        "upstreams[1] (name 'u.internal'): uniqueness violation: 'upstreams' entity with name set to 'u.internal' already declared"
+        "upstreams[1] (name 'u.internal'): "
+        "uniqueness violation: 'upstreams' entity with name set to 'u.internal' already declared"
     )
 
 
@@ -515,15 +606,15 @@ def test_plugin_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(schema.KNOWN_PLUGINS, "cors", None)
     messages = rejected(
         doc(
-            services=[{"name": "s", "host": "h"}],
+            services=[{"name": "s1", "host": "h"}, {"name": "s2", "host": "h"}, {"name": "s3", "host": "h"}],
             plugins=[
                 {"name": "cors", "consumer": "alice"},
                 {"name": "cors", "service": "ghost"},
                 {"name": "cors", "route": "ghost"},
-                {"name": "cors", "protocols": ["http", "gopher"], "service": "s"},
-                {"name": "cors", "enabled": "yes", "config": [], "route": None, "service": "s"},
-                {"name": "cors"},
-                {"name": "cors"},
+                {"name": "cors", "protocols": ["http", "gopher"], "service": "s1"},
+                {"name": "cors", "enabled": "yes", "config": [], "route": None, "service": "s2"},
+                {"name": "cors", "service": "s3"},
+                {"name": "cors", "service": {"name": "s3"}},
             ],
         )
     )
@@ -531,7 +622,8 @@ def test_plugin_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         "plugins[0] (name 'cors') > consumer: consumer-scoped plugins are not supported by Ringgate yet",
         "plugins[1] (name 'cors') > service: invalid reference 'service: ghost' (no such entry in 'services')",
         "plugins[2] (name 'cors') > route: invalid reference 'route: ghost' (no such entry in 'routes')",
-        "plugins[3] (name 'cors') > protocols[1]: expected one of: http, https, grpc, grpcs, tcp, tls, tls_passthrough, udp",
+        "plugins[3] (name 'cors') > protocols[1]: "
+        "expected one of: http, https, grpc, grpcs, tcp, tls, tls_passthrough, udp",
         "plugins[4] (name 'cors') > config: expected a map",
         "plugins[4] (name 'cors') > enabled: expected a boolean",
         "plugins[6] (name 'cors'): uniqueness violation: 'plugins' entity with name set to 'cors' already declared "
@@ -543,14 +635,19 @@ def test_same_plugin_on_different_scopes_is_fine(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(schema.KNOWN_PLUGINS, "cors", None)
     config = load_dict(
         doc(
-            services=[{"name": "s", "host": "h", "plugins": [{"name": "cors"}], "routes": [{"name": "r", "paths": ["/"]}]}],
+            services=[
+                {"name": "s", "host": "h", "plugins": [{"name": "cors"}], "routes": [{"name": "r", "paths": ["/"]}]}
+            ],
             plugins=[{"name": "cors"}, {"name": "cors", "route": "r"}],
         )
     )
     assert len(config.plugins) == 3
     # and a nested plugin repeated at the top level with the same scope is a duplicate
     messages = rejected(
-        doc(services=[{"name": "s", "host": "h", "plugins": [{"name": "cors"}]}], plugins=[{"name": "cors", "service": "s"}])
+        doc(
+            services=[{"name": "s", "host": "h", "plugins": [{"name": "cors"}]}],
+            plugins=[{"name": "cors", "service": "s"}],
+        )
     )
     assert messages == [
         "plugins[0] (name 'cors'): uniqueness violation: 'plugins' entity with name set to 'cors' already declared "
