@@ -4,6 +4,8 @@
 # Router can be shared by all requests of a worker and swapped whole on reload.
 # Nothing here does I/O or imports from ringgate/ or workers/.
 
+cimport cython
+
 
 cdef class RouteSpec:
     # One Kong route as the router sees it, plus the pieces compiled from it once
@@ -51,7 +53,6 @@ cdef class _Entry:
     cdef frozenset methods
     cdef tuple header_rules
     cdef tuple priority           # Kong compat priority, as a tuple (higher first)
-    cdef Py_ssize_t order         # declaration order, the tie-breaker
 
 
 cdef class _Bucket:
@@ -73,6 +74,7 @@ cdef class _HostTable:
     cdef dict ported              # key -> {listen port (int) -> _Bucket}
 
 
+@cython.final
 cdef class RouteMatch:
     # The result of Router.match. While matching it doubles as the scratch
     # state (best entry so far), so a request allocates nothing else.
@@ -89,6 +91,7 @@ cdef class RouteMatch:
     cdef object _best_regex_match
 
 
+@cython.final
 cdef class Router:
     # Immutable match table over a list of RouteSpec (see router.pyx).
     cdef readonly frozenset header_names

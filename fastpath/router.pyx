@@ -293,9 +293,9 @@ cdef str _join_v0(str base, str postfix, str req, bint strip):
         if len(postfix) == 0:
             if base == u"/":
                 return u"/"
-            return base if _ends_with_slash(req) else base[:-1]
+            return base if _ends_with_slash(req) else base[:len(base) - 1]
         if postfix[0] == u'/':
-            return base[:-1] + postfix
+            return base[:len(base) - 1] + postfix
         return base + postfix
     if not strip:
         return base if req == u"/" else base + req
@@ -310,7 +310,7 @@ cdef str _join_v1(str base, str postfix, str req, bint strip):
     if not strip:
         return base + req[1:]
     if _ends_with_slash(base) and _starts_with_slash(postfix):
-        return base[:-1] + postfix
+        return base[:len(base) - 1] + postfix
     return base + postfix
 
 
@@ -454,7 +454,7 @@ cdef tuple _parse_route_host(str host):
     if name.startswith(u"*.") and len(name) > 2:
         return (HOST_SUFFIX, name[1:], port)
     if name.endswith(u".*") and len(name) > 2:
-        return (HOST_PREFIX, name[:-1], port)
+        return (HOST_PREFIX, name[:len(name) - 1], port)
     raise RouterError("invalid wildcard: must be placed at leftmost or rightmost label")
 
 
@@ -582,12 +582,11 @@ cdef class _HostTable:
     pass
 
 
-cdef _Entry _make_entry(RouteSpec spec, object path, object regex, Py_ssize_t order):
+cdef _Entry _make_entry(RouteSpec spec, object path, object regex):
     cdef _Entry entry = _Entry.__new__(_Entry)
     cdef bint has_regex = regex is not None
     entry.spec = spec
     entry.path = path
-    entry.order = order
     entry.methods = spec._method_set
     entry.header_rules = spec._header_rules
     if has_regex:
@@ -887,7 +886,6 @@ cdef class Router:
         cdef list entries = []
         cdef RouteSpec spec
         cdef _Entry entry
-        cdef Py_ssize_t order = 0
         cdef set header_names = set()
         cdef Py_ssize_t n_routes = 0
         for item in specs:
@@ -896,12 +894,10 @@ cdef class Router:
             spec = <RouteSpec>item
             n_routes += 1
             if spec.paths is None:
-                entries.append(_make_entry(spec, None, None, order))
-                order += 1
+                entries.append(_make_entry(spec, None, None))
             else:
                 for path, regex in zip(spec.paths, spec._path_regexes):
-                    entries.append(_make_entry(spec, path, regex, order))
-                    order += 1
+                    entries.append(_make_entry(spec, path, regex))
             if spec._header_rules is not None:
                 for rule in spec._header_rules:
                     header_names.add((<_HeaderRule>rule).name)

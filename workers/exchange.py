@@ -148,11 +148,11 @@ class Exchange:
             b"X-Forwarded-Proto: ", forwarded.get(b"x-forwarded-proto", b"http"), b"\r\n",
             b"X-Forwarded-Host: ", forwarded.get(b"x-forwarded-host", host_only.lower().encode("latin-1")), b"\r\n",
             b"X-Forwarded-Port: ", forwarded.get(b"x-forwarded-port", self.ctx.listen_port_bytes), b"\r\n",
-            b"X-Forwarded-Path: ", forwarded.get(b"x-forwarded-path", req.path.encode("latin-1")), b"\r\n",
+            b"X-Forwarded-Path: ", forwarded.get(b"x-forwarded-path", req.path.encode("utf-8", "surrogateescape")), b"\r\n",
         ]
         prefix = forwarded.get(b"x-forwarded-prefix")
         if prefix is None and match.stripped_prefix:
-            prefix = match.stripped_prefix.encode("latin-1")
+            prefix = match.stripped_prefix.encode("utf-8", "surrogateescape")
         if prefix:
             parts += [b"X-Forwarded-Prefix: ", prefix, b"\r\n"]
         parts += [

@@ -240,7 +240,7 @@ class ClientProtocol(asyncio.Protocol):
         if url[:1] != b"/":
             url = self._origin_form(url)
         path, sep, query = url.partition(b"?")
-        req.path = path.decode("latin-1")
+        req.path = path.decode("utf-8", "surrogateescape")
         req.query = query if sep else None
         req.headers = self.headers
         host: bytes | None = None

@@ -5,6 +5,7 @@ from the balancers' per-worker state (wheel pointer, connection counts, EWMA).
 """
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,8 @@ from fastpath.router import RouteSpec, Router
 
 if TYPE_CHECKING:
     from ringgate.config import Config
+
+log = logging.getLogger("ringgate.runtime")
 
 
 class UpstreamRuntime:
@@ -120,10 +123,14 @@ class Runtime:
             service = self.services.get(route.service) if route.service else None
             if service is not None and not _service_enabled(config, route.service):
                 continue  # Kong drops a disabled service's routes from the router
+            if route.path_handling == "v1":
+                log.warning("route %s: path_handling v1 is ignored, paths are joined the v0 way (as Kong's "
+                            "traditional_compatible router does)", route.name or route.id)
             specs.append(RouteSpec(
                 id=route.id, name=route.name, hosts=route.hosts, paths=route.paths, methods=route.methods,
                 headers=route.headers, regex_priority=route.regex_priority, strip_path=route.strip_path,
-                preserve_host=route.preserve_host, path_handling=route.path_handling,
+                # Kong's traditional_compatible router joins paths the v0 way whatever path_handling says.
+                preserve_host=route.preserve_host, path_handling="v0",
                 service_path=service.path if service is not None else None,
                 protocols=tuple(route.protocols), payload=RouteRuntime(route, service),
             ))
