@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -166,10 +167,12 @@ def _reason(status: int) -> str:
 class OriginServer:
     """Runs on its own loop in a background thread; `port` is an ephemeral loopback port."""
 
-    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context  # set: serve HTTPS with this server-side context
         self.requests = 0
         self.connections = 0
         self.log: list[tuple[str, str]] = []
@@ -193,7 +196,8 @@ class OriginServer:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
-        self._server = loop.run_until_complete(loop.create_server(lambda: _OriginProtocol(self), sock=sock))
+        self._server = loop.run_until_complete(loop.create_server(lambda: _OriginProtocol(self), sock=sock,
+                                                                  ssl=self.ssl_context))
         self._ready.set()
         loop.run_forever()
         self._server.close()

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from shared_state import arena as arena_fields
-from workers.proxy import ClientProtocol, worker_request_id_prefix
+from workers.proxy import ClientProtocol, UpstreamPool, worker_request_id_prefix
+from workers.resolver import Resolver
 from workers.runtime import Runtime
-from workers.upstream import Resolver, UpstreamPool
 
 if TYPE_CHECKING:
     from ringgate.config import Config
@@ -105,7 +105,7 @@ def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket
         def check() -> None:
             if not ctx.connections or loop.time() >= deadline:
                 for conn in list(ctx.connections):
-                    conn.abort()
+                    conn.abort_connection()
                 stopped.set()
                 return
             loop.call_later(0.05, check)

@@ -1,0 +1,192 @@
+# The proxy worker's request path, compiled: client protocol, per-request state,
+# the exchange that carries a request to an upstream, and the upstream pool.
+#
+# Lifetimes (uvicorn's grouping): a ClientProtocol lives as long as its client
+# connection; a Request from its parsed head to its last answer byte; an Exchange
+# from routing to the end of that answer; an UpstreamConnection as long as its
+# socket, serving one Exchange at a time, idle in the UpstreamPool in between.
+#
+# Write-path contract: an Exchange writes to the client only through
+# ClientProtocol.writelines/write, and queues what one upstream read produced in
+# `out`, flushed once per read (one writev per upstream packet). Nothing here
+# blocks; the only awaitable is opening a new upstream connection.
+
+from fastpath.balancer cimport Balancer
+from fastpath.router cimport RouteMatch, Router
+from shared_state.arena cimport WorkerStats
+
+
+cdef class Request:
+    cdef public str method
+    cdef public str path
+    cdef public object query            # bytes or None
+    cdef public list headers            # [(name, value), ...] as received
+    cdef public str host
+    cdef public bint keep_alive
+    cdef public bint http_11
+    cdef public object accept           # bytes or None
+    cdef public long long content_length  # -1: no Content-Length
+    cdef public bint chunked
+    cdef public list body_chunks
+    cdef public long long body_bytes
+    cdef public bint body_done
+    cdef public bint replayable
+    cdef public bint expect_continue
+    cdef public double t_start
+    cdef public Exchange exchange
+    cdef public str request_id
+    cdef public frozenset connection_tokens
+
+
+cdef class UpstreamPool:
+    cdef object loop
+    cdef readonly int max_idle
+    cdef readonly long long max_requests
+    cdef readonly double idle_timeout
+    cdef readonly dict idle             # PoolKey -> list of idle UpstreamConnection (LIFO)
+    cdef readonly long long opened
+
+    cdef UpstreamConnection acquire(self, tuple key)
+    cdef void release(self, UpstreamConnection conn, bint reusable) except *
+    cdef void forget(self, UpstreamConnection conn) except *
+
+
+cdef class UpstreamConnection:
+    # per connection
+    cdef UpstreamPool pool
+    cdef readonly tuple key
+    cdef object loop
+    cdef object transport
+    cdef readonly bint closed
+    cdef readonly long long requests_served
+    cdef double idle_since
+    cdef object timer
+    # per exchange
+    cdef Exchange exchange
+    cdef object parser
+    cdef list headers
+    cdef bint informational
+    cdef bint head_done
+    cdef readonly long long bytes_received
+    cdef double last_read
+    cdef double read_timeout
+    cdef double write_timeout
+    cdef double write_paused_at
+
+    cdef void attach(self, Exchange exchange, double read_timeout, double write_timeout) except *
+    cdef void detach(self)
+    cdef void _arm(self, double deadline) except *
+    cdef void close(self) except *
+    cdef void abort(self) except *
+
+
+cdef class ClientProtocol:
+    # worker
+    cdef readonly object ctx
+    cdef object loop
+    cdef UpstreamPool pool
+    cdef WorkerStats stats
+    cdef Py_ssize_t max_request_line
+    cdef Py_ssize_t max_header_bytes
+    cdef Py_ssize_t max_headers
+    cdef long long replay_limit
+    cdef double header_timeout
+    cdef double keepalive_timeout
+    # connection
+    cdef object transport
+    cdef object parser
+    cdef readonly str peer_ip
+    cdef readonly bint closed
+    cdef object pending                 # deque of Request
+    cdef Request active
+    cdef int read_pause
+    cdef readonly bint write_paused
+    cdef long long requests_served
+    cdef double last_activity
+    cdef object timer
+    cdef bint starting
+    cdef object error_after
+    # request being parsed
+    cdef bytes url
+    cdef list headers
+    cdef Py_ssize_t header_bytes
+    cdef bint in_headers
+    cdef double header_started
+    cdef Request parsing
+
+    cdef Request _build_request(self)
+    cdef void _begin(self, Request req) except *
+    cdef void _dispatch(self, Request req) except *
+    cdef void _start_next(self) except *
+    cdef void request_done(self, Request req, int status, long long bytes_out, bint keep_alive) except *
+    cdef void send_error(self, Request req, int status, str message, bint close=*) except *
+    cdef void _refuse(self, object error) except *
+    cdef void _pause(self, int reason) except *
+    cdef void _resume(self, int reason) except *
+    cdef void write(self, bytes data) except *
+    cdef void writelines(self, list parts) except *
+    cdef void abort(self) except *
+    cdef void _close(self) except *
+
+
+cdef class Exchange:
+    cdef ClientProtocol client
+    cdef Request req
+    cdef RouteMatch match
+    cdef object route
+    cdef object service
+    cdef object upstream                # UpstreamRuntime or None
+    cdef Balancer balancer              # upstream's balancer or None
+    cdef object ctx
+    cdef object loop
+    # attempts
+    cdef int tries_left
+    cdef object excluded                # set of failed target indices, or None
+    cdef int target
+    cdef bint picked
+    cdef str target_host
+    cdef int target_port
+    cdef UpstreamConnection conn
+    cdef bint reused
+    cdef bint stale_retry_done
+    cdef object sni
+    # request head
+    cdef bytes head_line
+    cdef bytes head_rest
+    cdef bytes host_line
+    cdef readonly bint streaming
+    cdef object hash_value
+    cdef object set_cookie
+    # response
+    cdef readonly bint done
+    cdef readonly bint response_started
+    cdef bint chunked_out
+    cdef bint close_delimited
+    cdef bint client_keep_alive
+    cdef bint upstream_keep_alive
+    cdef readonly int status
+    cdef long long bytes_out
+    cdef list out
+    cdef double t_sent
+    cdef double t_head
+
+    cdef init(self, ClientProtocol client, Request req, RouteMatch match, object route, object service)
+    cdef void start(self) except *
+    cdef void _build_head(self) except *
+    cdef str _host_header(self)
+    cdef void _attempt(self) except *
+    cdef void _send(self, UpstreamConnection conn, bint reused) except *
+    cdef void forward_body(self, bytes data) except *
+    cdef void on_client_body_done(self) except *
+    cdef void _attempt_failed(self, bint timeout, bint sent) except *
+    cdef void _release_target(self) except *
+    cdef void _end_target(self) except *
+    cdef void on_upstream_head(self, UpstreamConnection conn, int status, list headers, bint keep_alive) except *
+    cdef void on_upstream_body(self, bytes data) except *
+    cdef void on_upstream_flush(self) except *
+    cdef void on_upstream_complete(self, UpstreamConnection conn) except *
+    cdef void on_upstream_lost(self, UpstreamConnection conn, int reason) except *
+    cdef void on_client_lost(self) except *
+    cdef void abandon(self) except *
+    cdef void _fail(self, int status, str message) except *
+    cdef void _finish(self, bint keep_alive) except *

@@ -1,0 +1,1325 @@
+# cython: language_level=3
+"""The proxy worker's request path (see proxy.pxd for the layout and the write contract).
+
+ClientProtocol parses with httptools and queues pipelined requests; routing asks the
+Cython router; an Exchange asks the balancer and the pool (decisions over state),
+then writes; UpstreamConnection parses the answer and hands it back to the Exchange.
+
+Retry rules follow nginx's `proxy_next_upstream error timeout` as Kong uses it, with
+two fixes Kong users ask for: a retry never lands on a target that already failed for
+this request while another remains, and a request that fails on a reused idle
+connection before any response byte is sent once more on a fresh connection.
+"""
+import asyncio
+import logging
+import os
+import ssl
+import uuid
+from collections import deque
+
+import httptools
+
+from libc.string cimport strncasecmp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+from shared_state import arena as arena_fields
+from workers import http11
+from workers.resolver import NameResolutionError, Resolver
+from workers.runtime import host_header_value
+
+from fastpath.balancer cimport Balancer
+from fastpath.router cimport RouteMatch, Router
+from shared_state.arena cimport WorkerStats
+
+log = logging.getLogger("ringgate.proxy")
+
+# Reasons the client socket's reading is paused (a bit each; reading resumes when none is left).
+cdef enum:
+    PAUSE_PIPELINE = 1
+    PAUSE_UPSTREAM = 2
+    PAUSE_BUFFER = 4
+
+# Why an upstream connection stopped serving an exchange.
+cdef enum:
+    LOST_EOF = 0       # clean close
+    LOST_ERROR = 1     # reset, or an answer llhttp could not parse
+    LOST_TIMEOUT = 2
+
+cdef int F_CONNECTIONS_ACTIVE = arena_fields.CONNECTIONS_ACTIVE
+cdef int F_CONNECTIONS_ACCEPTED = arena_fields.CONNECTIONS_ACCEPTED
+cdef int F_UPSTREAM_TIMEOUTS = arena_fields.UPSTREAM_TIMEOUTS
+cdef int F_UPSTREAM_CONNECT_ERRORS = arena_fields.UPSTREAM_CONNECT_ERRORS
+cdef int F_RETRIES = arena_fields.RETRIES
+
+cdef bytes CRLF = b"\r\n"
+cdef bytes COLON_SP = b": "
+cdef bytes CHUNK_END = http11.CHUNK_END
+cdef bytes VIA_TOKEN = http11.VIA_TOKEN
+cdef bytes SERVER_TOKEN = http11.SERVER_TOKEN
+cdef frozenset IDEMPOTENT = http11.IDEMPOTENT_METHODS
+cdef dict STATUS_LINES = http11.STATUS_LINES
+
+
+class ClientError(Exception):
+    """A request refused before routing: answered with `status`, then the connection closes."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# Header names, compared case-insensitively in C without building lowercase copies.
+
+cdef inline bint _is(bytes name, const char* lower, Py_ssize_t n):
+    return PyBytes_GET_SIZE(name) == n and strncasecmp(PyBytes_AS_STRING(name), lower, n) == 0
+
+
+cdef enum RequestHeader:
+    RQ_KEEP = 0
+    RQ_DROP = 1                 # hop-by-hop or set by the gateway
+    RQ_XFF = 2
+    RQ_VIA = 3
+    RQ_TE = 4
+    RQ_FORWARDED = 5            # X-Forwarded-Proto/Host/Port/Path/Prefix: kept only from trusted peers
+
+
+cdef inline RequestHeader _request_header(bytes name):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+    cdef const char* s = PyBytes_AS_STRING(name)
+    if n == 4:
+        if strncasecmp(s, "host", 4) == 0:
+            return RQ_DROP
+    elif n == 2:
+        if strncasecmp(s, "te", 2) == 0:
+            return RQ_TE
+    elif n == 3:
+        if strncasecmp(s, "via", 3) == 0:
+            return RQ_VIA
+    elif n == 6:
+        if strncasecmp(s, "expect", 6) == 0:
+            return RQ_DROP
+    elif n == 7:
+        if strncasecmp(s, "trailer", 7) == 0 or strncasecmp(s, "upgrade", 7) == 0:
+            return RQ_DROP
+    elif n == 9:
+        if strncasecmp(s, "x-real-ip", 9) == 0:
+            return RQ_DROP
+    elif n == 10:
+        if strncasecmp(s, "connection", 10) == 0 or strncasecmp(s, "keep-alive", 10) == 0:
+            return RQ_DROP
+    elif n == 14:
+        if strncasecmp(s, "content-length", 14) == 0:
+            return RQ_DROP
+    elif n == 15:
+        if strncasecmp(s, "x-forwarded-for", 15) == 0:
+            return RQ_XFF
+    elif n == 16:
+        if strncasecmp(s, "proxy-connection", 16) == 0:
+            return RQ_DROP
+        if (strncasecmp(s, "x-forwarded-host", 16) == 0 or strncasecmp(s, "x-forwarded-port", 16) == 0
+                or strncasecmp(s, "x-forwarded-path", 16) == 0):
+            return RQ_FORWARDED
+    elif n == 17:
+        if strncasecmp(s, "x-forwarded-proto", 17) == 0:
+            return RQ_FORWARDED
+        if strncasecmp(s, "transfer-encoding", 17) == 0:
+            return RQ_DROP
+    elif n == 18:
+        if strncasecmp(s, "x-forwarded-prefix", 18) == 0:
+            return RQ_FORWARDED
+    return RQ_KEEP
+
+
+cdef enum ResponseHeader:
+    RS_KEEP = 0
+    RS_DROP = 1
+    RS_CONTENT_LENGTH = 2
+    RS_TRANSFER_ENCODING = 3
+    RS_CONNECTION = 4
+    RS_VIA = 5
+    RS_SERVER = 6
+
+
+cdef inline ResponseHeader _response_header(bytes name):
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
+    cdef const char* s = PyBytes_AS_STRING(name)
+    if n == 14:
+        if strncasecmp(s, "content-length", 14) == 0:
+            return RS_CONTENT_LENGTH
+    elif n == 17:
+        if strncasecmp(s, "transfer-encoding", 17) == 0:
+            return RS_TRANSFER_ENCODING
+    elif n == 10:
+        if strncasecmp(s, "connection", 10) == 0:
+            return RS_CONNECTION
+        if strncasecmp(s, "keep-alive", 10) == 0:
+            return RS_DROP
+    elif n == 3:
+        if strncasecmp(s, "via", 3) == 0:
+            return RS_VIA
+    elif n == 6:
+        if strncasecmp(s, "server", 6) == 0:
+            return RS_SERVER
+    elif n == 2:
+        if strncasecmp(s, "te", 2) == 0:
+            return RS_DROP
+    elif n == 7:
+        if strncasecmp(s, "trailer", 7) == 0 or strncasecmp(s, "upgrade", 7) == 0:
+            return RS_DROP
+    elif n == 16:
+        if strncasecmp(s, "proxy-connection", 16) == 0:
+            return RS_DROP
+    elif n == 18:
+        if strncasecmp(s, "proxy-authenticate", 18) == 0:
+            return RS_DROP
+    return RS_KEEP
+
+
+cdef inline bytes _status_line(int status):
+    line = STATUS_LINES.get(status)
+    if line is None:
+        return http11.status_line(status)
+    return <bytes>line
+
+
+cdef inline void _append_chunk(list out, bytes data) except *:
+    out.append(b"%x\r\n" % PyBytes_GET_SIZE(data))
+    out.append(data)
+    out.append(CRLF)
+
+
+def worker_request_id_prefix() -> str:
+    return os.urandom(8).hex()
+
+
+# ---------------------------------------------------------------------------
+# Per request
+
+cdef class Request:
+    def __cinit__(self) -> None:
+        self.method = "GET"
+        self.path = "/"
+        self.query = None
+        self.host = ""
+        self.keep_alive = True
+        self.http_11 = True
+        self.accept = None
+        self.content_length = -1
+        self.body_chunks = []
+        self.replayable = True
+        self.request_id = ""
+        self.connection_tokens = None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or self.content_length > 0
+
+
+# ---------------------------------------------------------------------------
+# Upstream side
+
+cdef class UpstreamPool:
+    """Idle keep-alive connections per (ip, port, TLS name), newest first."""
+
+    def __init__(self, loop: object, settings: object) -> None:
+        self.loop = loop
+        self.max_idle = settings.upstream_keepalive_pool
+        self.max_requests = settings.upstream_keepalive_requests
+        self.idle_timeout = settings.upstream_keepalive_timeout
+        self.idle = {}
+        self.opened = 0
+
+    def __repr__(self) -> str:
+        idle = sum(len(v) for v in self.idle.values())
+        return f"<UpstreamPool addresses={len(self.idle)} idle={idle} opened={self.opened}>"
+
+    cdef UpstreamConnection acquire(self, tuple key):
+        cdef list stack = self.idle.get(key)
+        cdef UpstreamConnection conn
+        while stack:
+            conn = stack.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    cdef void release(self, UpstreamConnection conn, bint reusable) except *:
+        if not reusable or conn.closed or conn.requests_served >= self.max_requests:
+            conn.close()
+            return
+        cdef list stack = self.idle.get(conn.key)
+        if stack is None:
+            stack = self.idle[conn.key] = []
+        if len(stack) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        if conn.timer is None:
+            conn.timer = self.loop.call_at(conn.idle_since + self.idle_timeout, conn._check_timeout)
+        stack.append(conn)
+
+    cdef void forget(self, UpstreamConnection conn) except *:
+        cdef list stack = self.idle.get(conn.key)
+        if stack and conn in stack:
+            stack.remove(conn)
+
+    async def connect(self, tuple key, object ssl_context, double timeout):
+        ip, port, server_name = key
+        transport, conn = await asyncio.wait_for(
+            self.loop.create_connection(
+                lambda: UpstreamConnection(self, key), ip, port,
+                ssl=ssl_context, server_hostname=server_name if ssl_context is not None else None,
+            ),
+            timeout,
+        )
+        self.opened += 1
+        return conn
+
+    def close_all(self) -> None:
+        for stack in self.idle.values():
+            for conn in stack:
+                (<UpstreamConnection>conn).close()
+        self.idle.clear()
+
+
+cdef class UpstreamConnection:
+    def __init__(self, UpstreamPool pool, tuple key) -> None:
+        self.pool = pool
+        self.key = key
+        self.loop = pool.loop
+        self.headers = []
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("active" if self.exchange is not None else "idle")
+        return f"<UpstreamConnection {self.key[0]}:{self.key[1]} {state} served={self.requests_served}>"
+
+    cdef void attach(self, Exchange exchange, double read_timeout, double write_timeout) except *:
+        self.exchange = exchange
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers = []
+        self.informational = False
+        self.head_done = False
+        self.bytes_received = 0
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.last_read = self.loop.time()
+        self._arm(self.last_read + read_timeout)
+
+    cdef void detach(self):
+        self.exchange = None
+        self.parser = None
+        self.requests_served += 1
+
+    cdef void _arm(self, double deadline) except *:
+        # Keep an earlier timer (it re-checks when it fires); replace a later one.
+        timer = self.timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(deadline, self._check_timeout)
+
+    cdef void close(self) except *:
+        if not self.closed:
+            self.closed = True
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self.transport is not None:
+                self.transport.close()
+
+    cdef void abort(self) except *:
+        if self.transport is not None:
+            self.transport.abort()
+        self.close()
+
+    # Protocol interface
+
+    def connection_made(self, transport: object) -> None:
+        self.transport = transport
+
+    def data_received(self, bytes data) -> None:
+        cdef Exchange exchange = self.exchange
+        if exchange is None:
+            # An idle keep-alive connection must stay silent; anything else makes it unusable.
+            self.close()
+            return
+        self.bytes_received += PyBytes_GET_SIZE(data)
+        self.last_read = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            exchange = self.exchange
+            self.exchange = None
+            self.abort()
+            if exchange is not None:
+                exchange.on_upstream_lost(self, LOST_ERROR)
+            return
+        exchange = self.exchange
+        if exchange is not None and exchange.out:
+            exchange.on_upstream_flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: object) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pool.forget(self)
+        cdef Exchange exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.on_upstream_lost(self, LOST_EOF if exc is None else LOST_ERROR)
+
+    def pause_writing(self) -> None:
+        self.write_paused_at = self.loop.time()
+        self._arm(self.write_paused_at + self.write_timeout)
+        if self.exchange is not None:
+            self.exchange.client._pause(PAUSE_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        self.write_paused_at = 0.0
+        if self.exchange is not None:
+            self.exchange.client._resume(PAUSE_UPSTREAM)
+
+    # Parser callbacks
+
+    def on_header(self, bytes name, bytes value) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        cdef int status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim answers (100 Continue, 103 Early Hints) are consumed; the final one follows.
+            self.informational = True
+            self.headers = []
+            return
+        self.head_done = True
+        self.exchange.on_upstream_head(self, status, self.headers, parser.should_keep_alive())
+
+    def on_body(self, bytes body) -> None:
+        if self.exchange is not None:
+            self.exchange.on_upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        if self.exchange is not None:
+            self.exchange.on_upstream_complete(self)
+
+    # Timeouts: one lazy timer per connection, re-armed only when it fires early.
+
+    def _check_timeout(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        cdef double now = self.loop.time()
+        cdef double deadline
+        cdef Exchange exchange
+        if self.exchange is None:
+            deadline = self.idle_since + self.pool.idle_timeout
+            if now >= deadline:
+                self.close()
+                return
+            self.timer = self.loop.call_at(deadline, self._check_timeout)
+            return
+        if self.write_paused_at:
+            deadline = self.write_paused_at + self.write_timeout
+        else:
+            deadline = self.last_read + self.read_timeout
+        if now >= deadline:
+            exchange = self.exchange
+            self.exchange = None
+            self.abort()
+            exchange.on_upstream_lost(self, LOST_TIMEOUT)
+            return
+        self.timer = self.loop.call_at(deadline, self._check_timeout)
+
+
+# ---------------------------------------------------------------------------
+# Client side
+
+cdef class ClientProtocol:
+    def __init__(self, ctx: object) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.pool = ctx.pool
+        self.stats = ctx.stats
+        settings = ctx.settings
+        self.max_request_line = settings.max_request_line
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_headers = settings.max_headers
+        self.replay_limit = settings.replay_buffer_bytes
+        self.header_timeout = settings.client_header_timeout
+        self.keepalive_timeout = settings.client_keepalive_timeout
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = ""
+        self.pending = deque()
+        self.url = b""
+        self.headers = []
+
+    # Protocol interface
+
+    def connection_made(self, transport: object) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.ctx.connections.add(self)
+        self.stats.add(F_CONNECTIONS_ACCEPTED, 1)
+        self.stats.add(F_CONNECTIONS_ACTIVE, 1)
+        self.last_activity = self.loop.time()
+        self.timer = self.loop.call_at(self.last_activity + self.header_timeout, self._on_timer)
+
+    def connection_lost(self, exc: object) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.ctx.connections.discard(self)
+        self.stats.decr(F_CONNECTIONS_ACTIVE, 1)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        cdef Request active = self.active
+        if active is not None and active.exchange is not None:
+            active.exchange.on_client_lost()
+        self.pending.clear()
+
+    def data_received(self, bytes data) -> None:
+        self.last_activity = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # WebSocket and other upgrades are not proxied yet: the request was served as plain HTTP
+            # without its Upgrade headers, and the connection closes after the answer.
+            if self.parsing is not None:
+                self.parsing.keep_alive = False
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ClientError):
+                self._refuse(cause)
+            elif cause is not None and isinstance(exc, httptools.HttpParserCallbackError):
+                log.error("unexpected error while handling a request: %r", cause, exc_info=cause)
+                self._refuse(ClientError(500, http11.MSG_UNEXPECTED))
+            else:
+                self._refuse(ClientError(400, http11.MSG_BAD_REQUEST))
+
+    def eof_received(self) -> object:
+        # The client finished sending; answers still in flight are written, then we close.
+        if self.active is None and not self.pending:
+            return False
+        if self.parsing is not None and not self.parsing.body_done:
+            return False
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        cdef Request active = self.active
+        if active is not None and active.exchange is not None and active.exchange.conn is not None:
+            active.exchange.conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        cdef Request active = self.active
+        if active is not None and active.exchange is not None and active.exchange.conn is not None:
+            conn = active.exchange.conn
+            if not conn.closed:
+                conn.transport.resume_reading()
+
+    # Parser callbacks
+
+    def on_url(self, bytes url) -> None:
+        if not self.in_headers:
+            # First callback of a request (llhttp's message begin costs a Python call we can skip).
+            self.in_headers = True
+            self.headers = []
+            self.header_bytes = 0
+            self.header_started = self.last_activity
+            self.url = url
+        else:
+            self.url += url
+        if PyBytes_GET_SIZE(self.url) > self.max_request_line:
+            raise ClientError(414, "Request-URI Too Large")
+
+    def on_header(self, bytes name, bytes value) -> None:
+        self.header_bytes += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+        self.headers.append((name, value))
+        if self.header_bytes > self.max_header_bytes or len(self.headers) > self.max_headers:
+            raise ClientError(431, "Request Header Fields Too Large")
+
+    def on_headers_complete(self) -> None:
+        self.in_headers = False
+        cdef Request req = self._build_request()
+        self.parsing = req
+        if self.active is None and not self.pending:
+            self._begin(req)
+        else:
+            self.pending.append(req)
+            self._pause(PAUSE_PIPELINE)
+            self._start_next()
+
+    def on_body(self, bytes body) -> None:
+        cdef Request req = self.parsing
+        if req is None:
+            return
+        req.body_bytes += PyBytes_GET_SIZE(body)
+        cdef Exchange exchange = req.exchange
+        if exchange is not None and exchange.streaming:
+            exchange.forward_body(body)
+            return
+        req.body_chunks.append(body)
+        if req.body_bytes > self.replay_limit:
+            # Nobody is reading this body yet: stop taking more until an upstream connection is ready.
+            self._pause(PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        cdef Request req = self.parsing
+        if req is None:
+            return
+        self.parsing = None
+        req.body_done = True
+        if req.exchange is not None:
+            req.exchange.on_client_body_done()
+
+    # Request assembly and dispatch
+
+    cdef Request _build_request(self):
+        cdef Request req = Request()
+        cdef bytes name, value, url
+        cdef object host = None
+        req.t_start = self.last_activity
+        req.request_id = self.ctx.next_request_id()
+        parser = self.parser
+        req.method = parser.get_method().decode("ascii")
+        req.http_11 = parser.get_http_version() == "1.1"
+        req.keep_alive = parser.should_keep_alive()
+        url = self.url
+        if PyBytes_GET_SIZE(url) == 0 or PyBytes_AS_STRING(url)[0] != b'/':
+            url = _origin_form(url)
+        path, sep, query = url.partition(b"?")
+        req.path = path.decode("utf-8", "surrogateescape")
+        if sep:
+            req.query = query
+        req.headers = self.headers
+        for name, value in self.headers:
+            if PyBytes_GET_SIZE(name) > 17:
+                continue
+            if _is(name, "host", 4):
+                if host is not None:
+                    raise ClientError(400, "Bad request: duplicate Host header")
+                host = value
+            elif _is(name, "content-length", 14):
+                req.content_length = int(value)
+            elif _is(name, "transfer-encoding", 17):
+                req.chunked = True
+            elif _is(name, "accept", 6):
+                req.accept = value
+            elif _is(name, "expect", 6):
+                req.expect_continue = value.lower() == b"100-continue"
+            elif _is(name, "connection", 10):
+                tokens = frozenset(t.strip().lower() for t in value.split(b","))
+                req.connection_tokens = tokens if req.connection_tokens is None else req.connection_tokens | tokens
+        if host is None:
+            if req.http_11:
+                raise ClientError(400, "Bad request: missing Host header")
+            host = b""
+        req.host = (<bytes>host).decode("latin-1")
+        if self.ctx.draining:
+            req.keep_alive = False
+        return req
+
+    cdef void _begin(self, Request req) except *:
+        self.active = req
+        cdef Exchange exchange
+        try:
+            self._dispatch(req)
+        except Exception:
+            # A bug must cost one request, never the worker.
+            log.exception("unexpected error while handling %s %s", req.method, req.path)
+            if self.active is req:
+                exchange = req.exchange
+                if exchange is not None and exchange.response_started:
+                    exchange.abandon()
+                    self.abort()
+                else:
+                    if exchange is not None:
+                        exchange.abandon()
+                    self.send_error(req, 500, http11.MSG_UNEXPECTED, True)
+
+    cdef void _dispatch(self, Request req) except *:
+        ctx = self.ctx
+        runtime = ctx.runtime
+        cdef Router router = runtime.router
+        cdef dict header_values = None
+        cdef frozenset wanted = runtime.header_names
+        cdef RouteMatch match
+        if wanted:
+            header_values = {}
+            for name, value in req.headers:
+                lname = name.decode("latin-1").lower()
+                if lname in wanted and lname not in header_values:
+                    header_values[lname] = value.decode("latin-1")
+        try:
+            match = router.match(req.method, req.host, req.path, header_values, ctx.listen_port)
+        except ValueError:
+            self.send_error(req, 400, http11.MSG_BAD_REQUEST)
+            return
+        if match is None:
+            self.send_error(req, 404, http11.MSG_NO_ROUTE)
+            return
+        route = match.payload
+        service = route.service
+        if service is None:
+            self.send_error(req, 503, http11.MSG_NO_SERVICE)
+            return
+        cdef Exchange exchange = Exchange.__new__(Exchange)
+        exchange.init(self, req, match, route, service)
+        req.exchange = exchange
+        exchange.start()
+
+    cdef void _start_next(self) except *:
+        if self.starting:
+            return
+        self.starting = True
+        try:
+            while self.active is None and self.pending and not self.closed:
+                self._begin(self.pending.popleft())
+            if not self.pending:
+                self._resume(PAUSE_PIPELINE)
+        finally:
+            self.starting = False
+
+    cdef void request_done(self, Request req, int status, long long bytes_out, bint keep_alive) except *:
+        """Called once per request, by the exchange or the error path, when its answer is fully written."""
+        self.stats.record_response(status, req.body_bytes, bytes_out)
+        self.requests_served += 1
+        if self.active is req:
+            self.active = None
+        if self.closed:
+            return
+        if not (keep_alive and req.keep_alive) or self.ctx.draining:
+            self._close()
+            return
+        if self.pending:
+            self._start_next()
+            return
+        if self.error_after is not None:
+            error, self.error_after = self.error_after, None
+            self._refuse(error)
+            return
+        if self.parsing is req and not req.body_done:
+            # The answer went out before the request body was read (an early error): the rest of the
+            # body cannot be told apart from a next request without reading it, so close.
+            self._close()
+            return
+        self._resume(PAUSE_BUFFER)
+
+    cdef void send_error(self, Request req, int status, str message, bint close=False) except *:
+        cdef bint keep = (req.keep_alive and not close and not self.ctx.draining
+                          and (req.body_done or not req.has_body))
+        data = http11.error_response(status, message, req.request_id, req.accept, not keep)
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+        self.request_done(req, status, len(data), keep)
+
+    cdef void _refuse(self, object error) except *:
+        """A protocol-level refusal: answer after the requests already read, then close."""
+        if self.closed:
+            return
+        cdef Request broken = self.parsing
+        cdef Exchange exchange
+        self.parsing = None
+        if broken is not None and not broken.body_done:
+            # The bad bytes belong to a request already under way: it cannot be completed.
+            if broken is self.active:
+                exchange = broken.exchange
+                if exchange is not None:
+                    exchange.abandon()
+                    if exchange.response_started:
+                        self.abort()
+                        return
+                self.active = None
+            elif broken in self.pending:
+                self.pending.remove(broken)
+        if self.active is not None or self.pending:
+            self.error_after = error
+            self._pause(PAUSE_PIPELINE)
+            return
+        request_id = self.ctx.next_request_id()
+        data = http11.error_response(error.status, error.message, request_id, None, True)
+        if self.transport is not None:
+            self.transport.write(data)
+        self.stats.record_response(error.status, 0, len(data))
+        self._close()
+
+    # Flow control
+
+    cdef void _pause(self, int reason) except *:
+        if not self.read_pause and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.read_pause |= reason
+
+    cdef void _resume(self, int reason) except *:
+        if not self.read_pause & reason:
+            return
+        self.read_pause &= ~reason
+        if not self.read_pause and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # Writing and closing
+
+    cdef void write(self, bytes data) except *:
+        if not self.closed:
+            self.transport.write(data)
+
+    cdef void writelines(self, list parts) except *:
+        if not self.closed:
+            self.transport.writelines(parts)
+
+    cdef void abort(self) except *:
+        """Cut the connection so the client sees an incomplete answer (no clean end of body)."""
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    cdef void _close(self) except *:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def close_if_idle(self) -> bool:
+        if self.active is None and not self.pending and not self.in_headers:
+            self._close()
+            return True
+        return False
+
+    def abort_connection(self) -> None:
+        self.abort()
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        cdef double now = self.loop.time()
+        cdef double deadline
+        if self.active is not None:
+            deadline = now + self.keepalive_timeout  # upstream timeouts govern this request
+        elif self.in_headers:
+            deadline = self.header_started + self.header_timeout
+        elif self.requests_served == 0:
+            deadline = self.last_activity + self.header_timeout
+        else:
+            deadline = self.last_activity + self.keepalive_timeout
+        if now >= deadline:
+            self._close()
+            return
+        self.timer = self.loop.call_at(deadline, self._on_timer)
+
+
+cdef bytes _origin_form(bytes url):
+    # absolute-form (RFC 9112 3.2.2): keep the path; the Host header stays authoritative.
+    if url == b"*":
+        raise ClientError(400, "Bad request: asterisk-form is only for OPTIONS on a server")
+    cdef Py_ssize_t scheme_end = url.find(b"://")
+    if scheme_end < 0:
+        raise ClientError(400, "Bad request: invalid request target")
+    cdef Py_ssize_t slash = url.find(b"/", scheme_end + 3)
+    return url[slash:] if slash >= 0 else b"/"
+
+
+# ---------------------------------------------------------------------------
+# One request's trip to the upstream
+
+cdef class Exchange:
+    cdef init(self, ClientProtocol client, Request req, RouteMatch match, object route, object service):
+        self.client = client
+        self.req = req
+        self.match = match
+        self.route = route
+        self.service = service
+        self.upstream = service.upstream
+        self.balancer = self.upstream.balancer if self.upstream is not None else None
+        self.ctx = client.ctx
+        self.loop = client.loop
+        self.tries_left = service.retries
+        self.target = -1
+        self.client_keep_alive = req.keep_alive
+        self.out = []
+
+    def __repr__(self) -> str:
+        return (f"<Exchange {self.req.method} {self.req.path} target={self.target_host}:{self.target_port} "
+                f"tries_left={self.tries_left} started={self.response_started} done={self.done}>")
+
+    cdef void start(self) except *:
+        upstream = self.upstream
+        if upstream is not None and upstream.hash_on != "none":
+            self.hash_value = _hash_input(self, upstream)
+        self._build_head()
+        cdef Request req = self.req
+        if req.expect_continue and not req.body_done:
+            self.client.write(http11.CONTINUE_100)
+        self._attempt()
+
+    cdef void _build_head(self) except *:
+        cdef Request req = self.req
+        cdef ClientProtocol client = self.client
+        cdef RouteMatch match = self.match
+        cdef str upstream_path = match.upstream_path
+        cdef bytes path, name, value, lowered
+        cdef bytes xff = None, via = None
+        cdef dict forwarded = None
+        cdef list parts = []
+        cdef frozenset drop_named = req.connection_tokens
+        cdef RequestHeader kind
+        cdef bint trusted = self.ctx.is_trusted(client.peer_ip)
+        if upstream_path.isascii():
+            path = upstream_path.encode("ascii")
+        else:
+            path = upstream_path.encode("utf-8", "surrogateescape")
+        if req.query is not None:
+            path += b"?" + req.query
+        self.head_line = req.method.encode("ascii") + b" " + path + b" HTTP/1.1\r\n"
+        for name, value in req.headers:
+            kind = _request_header(name)
+            if kind != RQ_KEEP:
+                if kind == RQ_XFF:
+                    xff = value if xff is None else xff + b", " + value
+                elif kind == RQ_VIA:
+                    via = value
+                elif kind == RQ_TE:
+                    if b"trailers" in value.lower():
+                        parts.append(b"TE: trailers\r\n")
+                elif kind == RQ_FORWARDED and trusted:
+                    if forwarded is None:
+                        forwarded = {}
+                    forwarded[name.lower()] = value
+                continue
+            if drop_named is not None and name.lower() in drop_named:
+                continue
+            parts.append(name)
+            parts.append(COLON_SP)
+            parts.append(value)
+            parts.append(CRLF)
+        ip = client.peer_ip.encode("ascii")
+        parts += [b"X-Forwarded-For: ", (xff + b", " + ip) if xff is not None else ip, CRLF]
+        cdef str host = req.host
+        host_only = host.rpartition(":")[0] if host.rpartition(":")[2].isdigit() else host
+        if forwarded is None:
+            forwarded = {}
+        parts += [
+            b"X-Forwarded-Proto: ", forwarded.get(b"x-forwarded-proto", b"http"), CRLF,
+            b"X-Forwarded-Host: ", forwarded.get(b"x-forwarded-host", host_only.lower().encode("latin-1")), CRLF,
+            b"X-Forwarded-Port: ", forwarded.get(b"x-forwarded-port", self.ctx.listen_port_bytes), CRLF,
+            b"X-Forwarded-Path: ", forwarded.get(b"x-forwarded-path",
+                                                 req.path.encode("utf-8", "surrogateescape")), CRLF,
+        ]
+        prefix = forwarded.get(b"x-forwarded-prefix")
+        if prefix is None and match.stripped_prefix:
+            prefix = match.stripped_prefix.encode("utf-8", "surrogateescape")
+        if prefix:
+            parts += [b"X-Forwarded-Prefix: ", prefix, CRLF]
+        parts += [
+            b"X-Real-IP: ", ip, CRLF,
+            b"Via: ", (via + b", " + VIA_TOKEN) if via is not None else VIA_TOKEN, CRLF,
+            b"X-Kong-Request-Id: ", req.request_id.encode("ascii"), CRLF,
+            b"Connection: keep-alive\r\n",
+        ]
+        if req.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif req.content_length >= 0:
+            parts.append(b"Content-Length: %d\r\n" % req.content_length)
+        parts.append(CRLF)
+        self.head_rest = b"".join(parts)
+
+    cdef str _host_header(self):
+        cdef Request req = self.req
+        if self.route.preserve_host and req.host:
+            return req.host
+        upstream = self.upstream
+        if upstream is not None:
+            if upstream.host_header:
+                return upstream.host_header
+            return host_header_value(self.target_host, self.target_port, self.service.scheme)
+        return self.service.default_host_header
+
+    cdef void _attempt(self) except *:
+        service = self.service
+        cdef int index
+        if self.balancer is not None:
+            index = self.balancer.pick(self.excluded, self.hash_value)
+            if index < 0:
+                self._fail(503, http11.MSG_NO_PEER)
+                return
+            self.target = index
+            self.picked = True
+            target = self.upstream.targets[index]
+            self.target_host = target[0]
+            self.target_port = target[1]
+        else:
+            self.target_host = service.host
+            self.target_port = service.port
+        cdef str host_header = self._host_header()
+        self.host_line = b"Host: " + host_header.encode("latin-1") + CRLF
+        if service.ssl_context is not None:
+            sni = host_header.rpartition(":")[0] if host_header.rpartition(":")[2].isdigit() else host_header
+            self.sni = sni.strip("[]")
+        ip = Resolver.literal(self.target_host)
+        cdef UpstreamConnection conn
+        if ip is not None:
+            conn = self.client.pool.acquire((ip, self.target_port, self.sni))
+            if conn is not None:
+                self._send(conn, True)
+                return
+        self.loop.create_task(_connect(self, ip is not None))
+
+    cdef void _send(self, UpstreamConnection conn, bint reused) except *:
+        self.conn = conn
+        self.reused = reused
+        service = self.service
+        conn.attach(self, service.read_timeout, service.write_timeout)
+        cdef Request req = self.req
+        cdef list parts = [self.head_line, self.host_line, self.head_rest]
+        cdef bytes chunk
+        if req.body_chunks:
+            if req.chunked:
+                for chunk in req.body_chunks:
+                    _append_chunk(parts, chunk)
+            else:
+                parts.extend(req.body_chunks)
+            if not req.replayable:
+                req.body_chunks = []
+        if req.body_done and req.chunked:
+            parts.append(CHUNK_END)
+        self.t_sent = self.loop.time()
+        conn.transport.writelines(parts)
+        self.streaming = True
+        if req.body_bytes > self.client.replay_limit:
+            req.replayable = False
+        self.client._resume(PAUSE_BUFFER)
+        if self.client.write_paused:
+            conn.transport.pause_reading()
+
+    cdef void forward_body(self, bytes data) except *:
+        """A request body chunk arrived while an upstream connection is taking the body."""
+        cdef Request req = self.req
+        cdef UpstreamConnection conn = self.conn
+        if req.replayable:
+            if req.body_bytes <= self.client.replay_limit:
+                req.body_chunks.append(data)
+            else:
+                req.replayable = False
+                req.body_chunks = []
+        if conn is None or self.done:
+            return
+        if req.chunked:
+            parts = []
+            _append_chunk(parts, data)
+            conn.transport.writelines(parts)
+        else:
+            conn.transport.write(data)
+
+    cdef void on_client_body_done(self) except *:
+        if self.streaming and self.conn is not None and self.req.chunked and not self.done:
+            self.conn.transport.write(CHUNK_END)
+
+    cdef void _attempt_failed(self, bint timeout, bint sent) except *:
+        """One try failed before any byte of the answer reached the client: retry or answer with an error."""
+        self.client.stats.add(F_UPSTREAM_TIMEOUTS if timeout else F_UPSTREAM_CONNECT_ERRORS, 1)
+        self._end_target()
+        cdef Request req = self.req
+        cdef bint retryable = self.tries_left > 0 and (
+            not sent or (req.method in IDEMPOTENT and req.replayable)
+        )
+        if retryable:
+            self.tries_left -= 1
+            self.client.stats.add(F_RETRIES, 1)
+            if self.target >= 0:
+                if self.excluded is None:
+                    self.excluded = set()
+                self.excluded.add(self.target)
+            self.streaming = False
+            self._attempt()
+            return
+        if timeout:
+            self._fail(504, http11.MSG_TIMEOUT)
+        else:
+            self._fail(502, http11.MSG_BAD_GATEWAY)
+
+    cdef void _release_target(self) except *:
+        # Exactly one release per pick (least-connections counts in-flight requests).
+        if self.picked:
+            self.picked = False
+            self.balancer.release(self.target)
+
+    cdef void _end_target(self) except *:
+        self._release_target()
+        cdef UpstreamConnection conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.detach()
+            conn.close()
+
+    # Upstream callbacks
+
+    cdef void on_upstream_head(self, UpstreamConnection conn, int status, list headers, bint keep_alive) except *:
+        if self.done:
+            return
+        self.t_head = self.loop.time()
+        self.status = status
+        self.upstream_keep_alive = keep_alive
+        cdef Request req = self.req
+        cdef list parts = self.out
+        cdef bytes name, value
+        cdef bytes content_length = None
+        cdef bint chunked_up = False
+        cdef bint has_server = False
+        cdef bytes via = None
+        cdef list drop_named = None
+        cdef ResponseHeader kind
+        cdef Py_ssize_t head_start = len(parts)
+        parts.append(_status_line(status))
+        for name, value in headers:
+            kind = _response_header(name)
+            if kind != RS_KEEP:
+                if kind == RS_CONTENT_LENGTH:
+                    content_length = value
+                elif kind == RS_TRANSFER_ENCODING:
+                    chunked_up = True
+                elif kind == RS_CONNECTION:
+                    for token in value.split(b","):
+                        token = token.strip().lower()
+                        if token and token != b"close" and token != b"keep-alive":
+                            if drop_named is None:
+                                drop_named = []
+                            drop_named.append(token)
+                elif kind == RS_VIA:
+                    via = value
+                elif kind == RS_SERVER:
+                    has_server = True
+                    parts.append(name)
+                    parts.append(COLON_SP)
+                    parts.append(value)
+                    parts.append(CRLF)
+                continue
+            parts.append(name)
+            parts.append(COLON_SP)
+            parts.append(value)
+            parts.append(CRLF)
+        if drop_named is not None:
+            kept = parts[:head_start + 1]
+            for i in range(head_start + 1, len(parts), 4):
+                if parts[i].lower() not in drop_named:
+                    kept += parts[i:i + 4]
+            parts[:] = kept
+        cdef bint no_body = req.method == "HEAD" or status == 204 or status == 304 or status < 200
+        if content_length is not None and not chunked_up:
+            parts += [b"Content-Length: ", content_length, CRLF]
+        elif no_body:
+            pass
+        elif req.http_11:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+            self.chunked_out = True
+            self.close_delimited = not chunked_up
+        else:
+            self.client_keep_alive = False
+            self.close_delimited = not chunked_up
+        if self.close_delimited:
+            self.upstream_keep_alive = False
+        parts += [b"Via: ", (via + b", " + VIA_TOKEN) if via is not None else VIA_TOKEN, CRLF]
+        if not has_server:
+            parts += [b"Server: ", SERVER_TOKEN, CRLF]
+        parts += [
+            b"X-Kong-Upstream-Latency: %d\r\n" % <long long>((self.t_head - self.t_sent) * 1000),
+            b"X-Kong-Proxy-Latency: %d\r\n" % <long long>((self.t_sent - req.t_start) * 1000),
+            b"X-Kong-Request-Id: ", req.request_id.encode("ascii"), CRLF,
+        ]
+        if self.set_cookie is not None:
+            parts += [b"Set-Cookie: ", self.set_cookie, CRLF]
+        if not self.client_keep_alive or not req.keep_alive or self.ctx.draining:
+            self.client_keep_alive = False
+            parts.append(b"Connection: close\r\n")
+        elif not req.http_11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(CRLF)
+        self.response_started = True
+        if req.method == "HEAD":
+            # llhttp would wait for the body a HEAD answer announces; the answer is complete here.
+            self.on_upstream_complete(conn)
+
+    cdef void on_upstream_body(self, bytes data) except *:
+        if self.done:
+            return
+        self.bytes_out += PyBytes_GET_SIZE(data)
+        if self.chunked_out:
+            _append_chunk(self.out, data)
+        else:
+            self.out.append(data)
+
+    cdef void on_upstream_flush(self) except *:
+        if self.out:
+            out = self.out
+            self.out = []
+            self.client.writelines(out)
+
+    cdef void on_upstream_complete(self, UpstreamConnection conn) except *:
+        if self.done:
+            return
+        if self.chunked_out:
+            self.out.append(CHUNK_END)
+        self.on_upstream_flush()
+        upstream = self.upstream
+        if self.picked and upstream.observe_latency:
+            self.balancer.observe(self.target, self.t_head - self.t_sent, self.t_head)
+        self._release_target()
+        self.conn = None
+        cdef bint reusable = self.upstream_keep_alive and self.req.body_done
+        conn.detach()
+        self.client.pool.release(conn, reusable)
+        self._finish(self.client_keep_alive)
+
+    cdef void on_upstream_lost(self, UpstreamConnection conn, int reason) except *:
+        if self.done or conn is not self.conn:
+            return
+        if not self.response_started:
+            if (reason != LOST_TIMEOUT and self.reused and conn.bytes_received == 0
+                    and not self.stale_retry_done and self.req.method in IDEMPOTENT and self.req.replayable):
+                # The idle connection was closed under us: send again once on a fresh one, not a new try.
+                # Like nginx, never for POST/PATCH/LOCK: the upstream may have acted on it.
+                self.stale_retry_done = True
+                self.conn = None
+                conn.detach()
+                self.streaming = False
+                self.loop.create_task(_connect(self, True))
+                return
+            self._attempt_failed(reason == LOST_TIMEOUT, True)
+            return
+        if reason == LOST_EOF and self.close_delimited:
+            if self.chunked_out:
+                self.out.append(CHUNK_END)
+            self.on_upstream_flush()
+            self.conn = None
+            conn.detach()
+            self._release_target()
+            self._finish(self.client_keep_alive)
+            return
+        # The stream broke after it started: the client must see an incomplete answer.
+        log.warning("upstream %s:%d %s in the middle of an answer to %s %s", self.target_host, self.target_port,
+                    "timed out" if reason == LOST_TIMEOUT else "closed", self.req.method, self.req.path)
+        self.on_upstream_flush()
+        self._end_target()
+        self.client.abort()
+        self._finish(False)
+
+    # Client callbacks
+
+    cdef void on_client_lost(self) except *:
+        if self.done:
+            return
+        self.done = True
+        self._end_target()
+
+    cdef void abandon(self) except *:
+        """Stop after an internal error: nothing more is written for this exchange."""
+        self.done = True
+        self._end_target()
+
+    # Ending
+
+    cdef void _fail(self, int status, str message) except *:
+        if self.done:
+            return
+        self.done = True
+        if self.response_started:
+            self.client.abort()
+            self.client.request_done(self.req, status, self.bytes_out, False)
+            return
+        self.client.send_error(self.req, status, message)
+
+    cdef void _finish(self, bint keep_alive) except *:
+        self.done = True
+        self.client.request_done(self.req, self.status, self.bytes_out, keep_alive)
+
+
+async def _connect(Exchange ex, bint fresh):
+    """Resolve and open a connection for the exchange's current target (the one awaited step)."""
+    ctx = ex.ctx
+    cdef UpstreamConnection conn
+    try:
+        ip = await ctx.resolver.resolve(ex.target_host)
+    except NameResolutionError as exc:
+        log.error("name resolution failed for %s: %s", ex.target_host, exc)
+        if not ex.done:
+            ex._fail(503, http11.MSG_NAME_RESOLUTION)
+        return
+    key = (ip, ex.target_port, ex.sni)
+    if not fresh and not ex.done:
+        conn = ex.client.pool.acquire(key)
+        if conn is not None:
+            ex._send(conn, True)
+            return
+    try:
+        conn = await ex.client.pool.connect(key, ex.service.ssl_context, ex.service.connect_timeout)
+    except asyncio.TimeoutError:
+        if not ex.done:
+            log.warning("connect to %s:%d timed out", ip, ex.target_port)
+            ex._attempt_failed(True, False)
+        return
+    except (OSError, ssl.SSLError) as exc:
+        if not ex.done:
+            log.warning("connect to %s:%d failed: %s", ip, ex.target_port, exc)
+            ex._attempt_failed(False, False)
+        return
+    if ex.done:
+        ex.client.pool.release(conn, True)
+        return
+    ex._send(conn, False)
+
+
+# Hash input (Kong's hash_on / hash_fallback): only for consistent-hashing upstreams.
+
+def _hash_input(Exchange ex, upstream: object) -> object:
+    value = _hash_value(ex, upstream.hash_on, upstream.hash_on_key, upstream)
+    if not value and upstream.hash_fallback != "none":
+        value = _hash_value(ex, upstream.hash_fallback, upstream.hash_fallback_key, upstream)
+    return value
+
+
+def _hash_value(Exchange ex, str mode, key: object, upstream: object) -> object:
+    cdef Request req = ex.req
+    if mode == "ip":
+        return ex.client.peer_ip
+    if mode == "header" and key:
+        wanted = key.encode("latin-1")
+        values = [v.decode("latin-1") for n, v in req.headers if n.lower() == wanted]
+        return ",".join(values) if values else None
+    if mode == "cookie" and key:
+        value = _cookie(req, key)
+        if value is None:
+            value = str(uuid.uuid4())
+            ex.set_cookie = f"{key}={value}; Path={upstream.hash_cookie_path}; SameSite=Lax; HttpOnly".encode("latin-1")
+        return value
+    if mode == "path":
+        return ex.match.normalized_path
+    if mode == "query_arg" and key and req.query:
+        from urllib.parse import parse_qsl
+        values = sorted(v for k, v in parse_qsl(req.query.decode("latin-1"), keep_blank_values=True) if k == key)
+        return ",".join(values) if values else None
+    if mode == "uri_capture" and key:
+        captures = ex.match.captures
+        if captures:
+            value = captures.get(key)
+            if value is None and key.isdigit():
+                value = captures.get(int(key))
+            return value
+    return None
+
+
+def _cookie(Request req, str name) -> object:
+    for header, value in req.headers:
+        if header.lower() != b"cookie":
+            continue
+        for part in value.decode("latin-1").split(";"):
+            k, _, v = part.strip().partition("=")
+            if k == name:
+                return v
+    return None
