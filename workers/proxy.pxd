@@ -19,6 +19,7 @@ from shared_state.arena cimport WorkerStats
 cdef class Request:
     cdef public str method
     cdef public str path
+    cdef public bytes raw_path          # as received, without the query: X-Forwarded-Path
     cdef public object query            # bytes or None
     cdef public list headers            # [(name, value), ...] as received
     cdef public str host
@@ -34,7 +35,7 @@ cdef class Request:
     cdef public bint expect_continue
     cdef public double t_start
     cdef public Exchange exchange
-    cdef public str request_id
+    cdef public bytes request_id
     cdef public frozenset connection_tokens
 
 
@@ -96,6 +97,9 @@ cdef class ClientProtocol:
     cdef object transport
     cdef object parser
     cdef readonly str peer_ip
+    cdef bint trusted                   # peer in trusted_ips: its X-Forwarded-* are kept
+    cdef bytes ip_bytes
+    cdef bytes conn_block               # X-Real-IP and the per-worker constant headers, built once
     cdef readonly bint closed
     cdef object pending                 # deque of Request
     cdef Request active
@@ -173,7 +177,6 @@ cdef class Exchange:
     cdef init(self, ClientProtocol client, Request req, RouteMatch match, object route, object service)
     cdef void start(self) except *
     cdef void _build_head(self) except *
-    cdef str _host_header(self)
     cdef void _attempt(self) except *
     cdef void _send(self, UpstreamConnection conn, bint reused) except *
     cdef void forward_body(self, bytes data) except *

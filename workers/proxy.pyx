@@ -19,13 +19,13 @@ from collections import deque
 
 import httptools
 
+from libc.stdio cimport snprintf
 from libc.string cimport strncasecmp
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 from shared_state import arena as arena_fields
 from workers import http11
 from workers.resolver import NameResolutionError, Resolver
-from workers.runtime import host_header_value
 
 from fastpath.balancer cimport Balancer
 from fastpath.router cimport RouteMatch, Router
@@ -56,6 +56,7 @@ cdef bytes COLON_SP = b": "
 cdef bytes CHUNK_END = http11.CHUNK_END
 cdef bytes VIA_TOKEN = http11.VIA_TOKEN
 cdef bytes SERVER_TOKEN = http11.SERVER_TOKEN
+cdef bytes VIA_LINE = b"Via: " + VIA_TOKEN + b"\r\n"
 cdef frozenset IDEMPOTENT = http11.IDEMPOTENT_METHODS
 cdef dict STATUS_LINES = http11.STATUS_LINES
 
@@ -189,8 +190,34 @@ cdef inline void _append_chunk(list out, bytes data) except *:
     out.append(CRLF)
 
 
-def worker_request_id_prefix() -> str:
-    return os.urandom(8).hex()
+# Request ids: 16 hex digits random per worker, then a 16-digit counter (32 hex, like Kong's).
+cdef char _id_buf[32]
+cdef unsigned long long _id_counter = 0
+cdef const char* _HEX = "0123456789abcdef"
+
+
+def reset_request_ids() -> None:
+    """Give this process its own id prefix (called once in each worker after fork)."""
+    global _id_counter
+    cdef bytes prefix = os.urandom(8).hex().encode()
+    cdef int i
+    for i in range(16):
+        _id_buf[i] = PyBytes_AS_STRING(prefix)[i]
+    _id_counter = 0
+
+
+cdef bytes next_request_id():
+    global _id_counter
+    _id_counter += 1
+    cdef unsigned long long value = _id_counter
+    cdef int i
+    for i in range(31, 15, -1):
+        _id_buf[i] = _HEX[value & 15]
+        value >>= 4
+    return PyBytes_FromStringAndSize(_id_buf, 32)
+
+
+reset_request_ids()
 
 
 # ---------------------------------------------------------------------------
@@ -208,7 +235,7 @@ cdef class Request:
         self.content_length = -1
         self.body_chunks = []
         self.replayable = True
-        self.request_id = ""
+        self.request_id = b""
         self.connection_tokens = None
 
     @property
@@ -295,7 +322,8 @@ cdef class UpstreamConnection:
 
     cdef void attach(self, Exchange exchange, double read_timeout, double write_timeout) except *:
         self.exchange = exchange
-        self.parser = httptools.HttpResponseParser(self)
+        if self.parser is None:
+            self.parser = httptools.HttpResponseParser(self)
         self.headers = []
         self.informational = False
         self.head_done = False
@@ -306,8 +334,9 @@ cdef class UpstreamConnection:
         self._arm(self.last_read + read_timeout)
 
     cdef void detach(self):
+        # llhttp resets itself after a complete message, so the parser is kept for the next exchange;
+        # after an answer that ended early (HEAD) it is dropped and rebuilt.
         self.exchange = None
-        self.parser = None
         self.requests_served += 1
 
     cdef void _arm(self, double deadline) except *:
@@ -467,6 +496,9 @@ cdef class ClientProtocol:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.trusted = self.ctx.is_trusted(self.peer_ip)
+        self.ip_bytes = self.peer_ip.encode("ascii")
+        self.conn_block = b"X-Real-IP: " + self.ip_bytes + CRLF + self.ctx.constant_upstream_headers
         self.ctx.connections.add(self)
         self.stats.add(F_CONNECTIONS_ACCEPTED, 1)
         self.stats.add(F_CONNECTIONS_ACTIVE, 1)
@@ -590,7 +622,7 @@ cdef class ClientProtocol:
         cdef bytes name, value, url
         cdef object host = None
         req.t_start = self.last_activity
-        req.request_id = self.ctx.next_request_id()
+        req.request_id = next_request_id()
         parser = self.parser
         req.method = parser.get_method().decode("ascii")
         req.http_11 = parser.get_http_version() == "1.1"
@@ -599,6 +631,7 @@ cdef class ClientProtocol:
         if PyBytes_GET_SIZE(url) == 0 or PyBytes_AS_STRING(url)[0] != b'/':
             url = _origin_form(url)
         path, sep, query = url.partition(b"?")
+        req.raw_path = path
         req.path = path.decode("utf-8", "surrogateescape")
         if sep:
             req.query = query
@@ -695,6 +728,8 @@ cdef class ClientProtocol:
         """Called once per request, by the exchange or the error path, when its answer is fully written."""
         self.stats.record_response(status, req.body_bytes, bytes_out)
         self.requests_served += 1
+        # Break the request <-> exchange cycle so both are freed by reference counting, not the GC.
+        req.exchange = None
         if self.active is req:
             self.active = None
         if self.closed:
@@ -719,7 +754,7 @@ cdef class ClientProtocol:
     cdef void send_error(self, Request req, int status, str message, bint close=False) except *:
         cdef bint keep = (req.keep_alive and not close and not self.ctx.draining
                           and (req.body_done or not req.has_body))
-        data = http11.error_response(status, message, req.request_id, req.accept, not keep)
+        data = http11.error_response(status, message, req.request_id.decode("ascii"), req.accept, not keep)
         if self.transport is not None and not self.closed:
             self.transport.write(data)
         self.request_done(req, status, len(data), keep)
@@ -747,8 +782,7 @@ cdef class ClientProtocol:
             self.error_after = error
             self._pause(PAUSE_PIPELINE)
             return
-        request_id = self.ctx.next_request_id()
-        data = http11.error_response(error.status, error.message, request_id, None, True)
+        data = http11.error_response(error.status, error.message, next_request_id().decode("ascii"), None, True)
         if self.transport is not None:
             self.transport.write(data)
         self.stats.record_response(error.status, 0, len(data))
@@ -816,6 +850,13 @@ cdef class ClientProtocol:
         self.timer = self.loop.call_at(deadline, self._on_timer)
 
 
+cdef str _strip_port(str host):
+    cdef Py_ssize_t colon = host.rfind(":")
+    if colon >= 0 and host[colon + 1:].isdigit():
+        host = host[:colon]
+    return host.strip("[]")
+
+
 cdef bytes _origin_form(bytes url):
     # absolute-form (RFC 9112 3.2.2): keep the path; the Host header stays authoritative.
     if url == b"*":
@@ -865,13 +906,13 @@ cdef class Exchange:
         cdef ClientProtocol client = self.client
         cdef RouteMatch match = self.match
         cdef str upstream_path = match.upstream_path
-        cdef bytes path, name, value, lowered
+        cdef bytes path, name, value
         cdef bytes xff = None, via = None
         cdef dict forwarded = None
         cdef list parts = []
         cdef frozenset drop_named = req.connection_tokens
         cdef RequestHeader kind
-        cdef bint trusted = self.ctx.is_trusted(client.peer_ip)
+        cdef bint trusted = client.trusted
         if upstream_path.isascii():
             path = upstream_path.encode("ascii")
         else:
@@ -900,30 +941,42 @@ cdef class Exchange:
             parts.append(COLON_SP)
             parts.append(value)
             parts.append(CRLF)
-        ip = client.peer_ip.encode("ascii")
-        parts += [b"X-Forwarded-For: ", (xff + b", " + ip) if xff is not None else ip, CRLF]
+        parts.append(b"X-Forwarded-For: ")
+        if xff is not None:
+            parts.append(xff)
+            parts.append(b", ")
+        parts.append(client.ip_bytes)
+        parts.append(CRLF)
         cdef str host = req.host
-        host_only = host.rpartition(":")[0] if host.rpartition(":")[2].isdigit() else host
+        cdef Py_ssize_t colon = host.rfind(":")
+        if colon >= 0 and host[colon + 1:].isdigit():
+            host = host[:colon]
+        prefix = None
         if forwarded is None:
-            forwarded = {}
-        parts += [
-            b"X-Forwarded-Proto: ", forwarded.get(b"x-forwarded-proto", b"http"), CRLF,
-            b"X-Forwarded-Host: ", forwarded.get(b"x-forwarded-host", host_only.lower().encode("latin-1")), CRLF,
-            b"X-Forwarded-Port: ", forwarded.get(b"x-forwarded-port", self.ctx.listen_port_bytes), CRLF,
-            b"X-Forwarded-Path: ", forwarded.get(b"x-forwarded-path",
-                                                 req.path.encode("utf-8", "surrogateescape")), CRLF,
-        ]
-        prefix = forwarded.get(b"x-forwarded-prefix")
+            parts += [b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: ", host.lower().encode("latin-1"),
+                      b"\r\nX-Forwarded-Path: ", req.raw_path, CRLF]
+        else:
+            parts += [
+                b"X-Forwarded-Proto: ", forwarded.get(b"x-forwarded-proto", b"http"), CRLF,
+                b"X-Forwarded-Host: ", forwarded.get(b"x-forwarded-host", host.lower().encode("latin-1")), CRLF,
+                b"X-Forwarded-Path: ", forwarded.get(b"x-forwarded-path", req.raw_path), CRLF,
+            ]
+            if b"x-forwarded-port" in forwarded:
+                parts += [b"X-Forwarded-Port: ", forwarded[b"x-forwarded-port"], CRLF]
+            prefix = forwarded.get(b"x-forwarded-prefix")
         if prefix is None and match.stripped_prefix:
             prefix = match.stripped_prefix.encode("utf-8", "surrogateescape")
         if prefix:
             parts += [b"X-Forwarded-Prefix: ", prefix, CRLF]
-        parts += [
-            b"X-Real-IP: ", ip, CRLF,
-            b"Via: ", (via + b", " + VIA_TOKEN) if via is not None else VIA_TOKEN, CRLF,
-            b"X-Kong-Request-Id: ", req.request_id.encode("ascii"), CRLF,
-            b"Connection: keep-alive\r\n",
-        ]
+        if via is None:
+            parts.append(VIA_LINE)
+        else:
+            parts += [b"Via: ", via, b", ", VIA_TOKEN, CRLF]
+        parts += [b"X-Kong-Request-Id: ", req.request_id, CRLF]
+        if forwarded is not None and b"x-forwarded-port" in forwarded:
+            parts.append(client.conn_block.replace(self.ctx.forwarded_port_line, b""))
+        else:
+            parts.append(client.conn_block)
         if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif req.content_length >= 0:
@@ -931,20 +984,11 @@ cdef class Exchange:
         parts.append(CRLF)
         self.head_rest = b"".join(parts)
 
-    cdef str _host_header(self):
-        cdef Request req = self.req
-        if self.route.preserve_host and req.host:
-            return req.host
-        upstream = self.upstream
-        if upstream is not None:
-            if upstream.host_header:
-                return upstream.host_header
-            return host_header_value(self.target_host, self.target_port, self.service.scheme)
-        return self.service.default_host_header
-
     cdef void _attempt(self) except *:
         service = self.service
+        cdef Request req = self.req
         cdef int index
+        cdef UpstreamConnection conn
         if self.balancer is not None:
             index = self.balancer.pick(self.excluded, self.hash_value)
             if index < 0:
@@ -955,16 +999,19 @@ cdef class Exchange:
             target = self.upstream.targets[index]
             self.target_host = target[0]
             self.target_port = target[1]
+            ip = self.upstream.target_ips[index]
+            self.host_line = service.target_host_lines[index]
+            self.sni = service.target_snis[index]
         else:
             self.target_host = service.host
             self.target_port = service.port
-        cdef str host_header = self._host_header()
-        self.host_line = b"Host: " + host_header.encode("latin-1") + CRLF
-        if service.ssl_context is not None:
-            sni = host_header.rpartition(":")[0] if host_header.rpartition(":")[2].isdigit() else host_header
-            self.sni = sni.strip("[]")
-        ip = Resolver.literal(self.target_host)
-        cdef UpstreamConnection conn
+            ip = service.ip
+            self.host_line = service.host_line
+            self.sni = service.sni
+        if self.route.preserve_host and req.host:
+            self.host_line = b"Host: " + req.host.encode("latin-1") + CRLF
+            if self.sni is not None:
+                self.sni = _strip_port(req.host)
         if ip is not None:
             conn = self.client.pool.acquire((ip, self.target_port, self.sni))
             if conn is not None:
@@ -991,7 +1038,7 @@ cdef class Exchange:
         if req.body_done and req.chunked:
             parts.append(CHUNK_END)
         self.t_sent = self.loop.time()
-        conn.transport.writelines(parts)
+        conn.transport.write(b"".join(parts))
         self.streaming = True
         if req.body_bytes > self.client.replay_limit:
             req.replayable = False
@@ -1128,11 +1175,14 @@ cdef class Exchange:
         parts += [b"Via: ", (via + b", " + VIA_TOKEN) if via is not None else VIA_TOKEN, CRLF]
         if not has_server:
             parts += [b"Server: ", SERVER_TOKEN, CRLF]
-        parts += [
-            b"X-Kong-Upstream-Latency: %d\r\n" % <long long>((self.t_head - self.t_sent) * 1000),
-            b"X-Kong-Proxy-Latency: %d\r\n" % <long long>((self.t_sent - req.t_start) * 1000),
-            b"X-Kong-Request-Id: ", req.request_id.encode("ascii"), CRLF,
-        ]
+        cdef char latency[96]
+        cdef int n = snprintf(latency, sizeof(latency),
+                              "X-Kong-Upstream-Latency: %lld\r\nX-Kong-Proxy-Latency: %lld\r\nX-Kong-Request-Id: ",
+                              <long long>((self.t_head - self.t_sent) * 1000),
+                              <long long>((self.t_sent - req.t_start) * 1000))
+        parts.append(PyBytes_FromStringAndSize(latency, n))
+        parts.append(req.request_id)
+        parts.append(CRLF)
         if self.set_cookie is not None:
             parts += [b"Set-Cookie: ", self.set_cookie, CRLF]
         if not self.client_keep_alive or not req.keep_alive or self.ctx.draining:
@@ -1143,7 +1193,9 @@ cdef class Exchange:
         parts.append(CRLF)
         self.response_started = True
         if req.method == "HEAD":
-            # llhttp would wait for the body a HEAD answer announces; the answer is complete here.
+            # llhttp would wait for the body a HEAD answer announces; the answer is complete here,
+            # and the parser, mid-message, cannot serve the next exchange.
+            conn.parser = None
             self.on_upstream_complete(conn)
 
     cdef void on_upstream_body(self, bytes data) except *:
@@ -1156,10 +1208,11 @@ cdef class Exchange:
             self.out.append(data)
 
     cdef void on_upstream_flush(self) except *:
+        # One write per upstream read: joining small pieces is cheaper than a writev entry each.
         if self.out:
             out = self.out
             self.out = []
-            self.client.writelines(out)
+            self.client.write(b"".join(out))
 
     cdef void on_upstream_complete(self, UpstreamConnection conn) except *:
         if self.done:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastpath.balancer import Balancer
 from fastpath.router import RouteSpec, Router
+from workers.resolver import Resolver
 
 if TYPE_CHECKING:
     from ringgate.config import Config
@@ -19,7 +20,8 @@ log = logging.getLogger("ringgate.runtime")
 
 
 class UpstreamRuntime:
-    __slots__ = ("name", "balancer", "targets", "host_header", "hash_on", "hash_on_key", "observe_latency",
+    __slots__ = ("name", "balancer", "targets", "target_ips", "host_header", "hash_on", "hash_on_key",
+                 "observe_latency",
                  "hash_fallback", "hash_fallback_key", "hash_cookie_path")
 
     def __init__(self, upstream: Any) -> None:
@@ -28,6 +30,8 @@ class UpstreamRuntime:
             (t.host, t.port, t.weight) for t in upstream.targets
         )
         self.balancer = Balancer(self.targets, upstream.algorithm, upstream.slots)
+        # IP literals are known now; hostnames are resolved per connection (None here).
+        self.target_ips: tuple[str | None, ...] = tuple(Resolver.literal(host) for host, _, _ in self.targets)
         self.observe_latency: bool = upstream.algorithm == "latency"
         self.host_header: str | None = upstream.host_header
         self.hash_on: str = upstream.hash_on
@@ -55,7 +59,8 @@ def _hash_key(upstream: Any, prefix: str, mode: str) -> str | None:
 
 class ServiceRuntime:
     __slots__ = ("id", "name", "scheme", "host", "port", "path", "retries", "connect_timeout",
-                 "write_timeout", "read_timeout", "upstream", "ssl_context", "default_host_header")
+                 "write_timeout", "read_timeout", "upstream", "ssl_context", "default_host_header",
+                 "ip", "host_line", "sni", "target_host_lines", "target_snis")
 
     def __init__(self, service: Any, upstream: UpstreamRuntime | None) -> None:
         self.id: str = service.id
@@ -72,6 +77,20 @@ class ServiceRuntime:
         self.upstream = upstream
         self.ssl_context: ssl.SSLContext | None = _client_tls(service) if self.scheme == "https" else None
         self.default_host_header: str = host_header_value(self.host, self.port, self.scheme)
+        # What each attempt needs, built once: the Host line and TLS name per target (Kong's rules:
+        # upstream host_header, else the target host; :port unless it is the scheme's default).
+        tls = self.ssl_context is not None
+        self.ip: str | None = Resolver.literal(self.host)
+        self.host_line: bytes = b"Host: " + self.default_host_header.encode("latin-1") + b"\r\n"
+        self.sni: str | None = _sni(self.default_host_header) if tls else None
+        lines: list[bytes] = []
+        snis: list[str | None] = []
+        for host, port, _ in (upstream.targets if upstream is not None else ()):
+            header = upstream.host_header or host_header_value(host, port, self.scheme)  # type: ignore[union-attr]
+            lines.append(b"Host: " + header.encode("latin-1") + b"\r\n")
+            snis.append(_sni(header) if tls else None)
+        self.target_host_lines: tuple[bytes, ...] = tuple(lines)
+        self.target_snis: tuple[str | None, ...] = tuple(snis)
 
     def __repr__(self) -> str:
         return f"<ServiceRuntime {self.name or self.id} {self.scheme}://{self.host}:{self.port}>"
@@ -83,6 +102,13 @@ def host_header_value(host: str, port: int, scheme: str) -> str:
     if (scheme == "http" and port == 80) or (scheme == "https" and port == 443):
         return host
     return f"{host}:{port}"
+
+
+def _sni(host_header: str) -> str:
+    host, _, port = host_header.rpartition(":")
+    if not (host and port.isdigit()):
+        host = host_header
+    return host.strip("[]")
 
 
 def _client_tls(service: Any) -> ssl.SSLContext:
