@@ -20,6 +20,7 @@ from collections import deque
 import httptools
 
 from libc.stdio cimport snprintf
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libc.string cimport strncasecmp
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
@@ -71,6 +72,14 @@ class ClientError(Exception):
 
 
 # Header names, compared case-insensitively in C without building lowercase copies.
+
+cdef inline double _now() noexcept nogil:
+    # The loop's clock (libuv reads CLOCK_MONOTONIC too) without a Python call; deadlines given to
+    # loop.call_at stay on the same base.
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
 
 cdef inline bint _is(bytes name, const char* lower, Py_ssize_t n):
     return PyBytes_GET_SIZE(name) == n and strncasecmp(PyBytes_AS_STRING(name), lower, n) == 0
@@ -280,7 +289,7 @@ cdef class UpstreamPool:
         if len(stack) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = self.loop.time()
+        conn.idle_since = _now()
         if conn.timer is None:
             conn.timer = self.loop.call_at(conn.idle_since + self.idle_timeout, conn._check_timeout)
         stack.append(conn)
@@ -330,7 +339,7 @@ cdef class UpstreamConnection:
         self.bytes_received = 0
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
-        self.last_read = self.loop.time()
+        self.last_read = _now()
         self._arm(self.last_read + read_timeout)
 
     cdef void detach(self):
@@ -373,7 +382,7 @@ cdef class UpstreamConnection:
             self.close()
             return
         self.bytes_received += PyBytes_GET_SIZE(data)
-        self.last_read = self.loop.time()
+        self.last_read = _now()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -402,7 +411,7 @@ cdef class UpstreamConnection:
             exchange.on_upstream_lost(self, LOST_EOF if exc is None else LOST_ERROR)
 
     def pause_writing(self) -> None:
-        self.write_paused_at = self.loop.time()
+        self.write_paused_at = _now()
         self._arm(self.write_paused_at + self.write_timeout)
         if self.exchange is not None:
             self.exchange.client._pause(PAUSE_UPSTREAM)
@@ -445,7 +454,7 @@ cdef class UpstreamConnection:
         self.timer = None
         if self.closed:
             return
-        cdef double now = self.loop.time()
+        cdef double now = _now()
         cdef double deadline
         cdef Exchange exchange
         if self.exchange is None:
@@ -502,7 +511,7 @@ cdef class ClientProtocol:
         self.ctx.connections.add(self)
         self.stats.add(F_CONNECTIONS_ACCEPTED, 1)
         self.stats.add(F_CONNECTIONS_ACTIVE, 1)
-        self.last_activity = self.loop.time()
+        self.last_activity = _now()
         self.timer = self.loop.call_at(self.last_activity + self.header_timeout, self._on_timer)
 
     def connection_lost(self, exc: object) -> None:
@@ -520,7 +529,7 @@ cdef class ClientProtocol:
         self.pending.clear()
 
     def data_received(self, bytes data) -> None:
-        self.last_activity = self.loop.time()
+        self.last_activity = _now()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -834,7 +843,7 @@ cdef class ClientProtocol:
         self.timer = None
         if self.closed:
             return
-        cdef double now = self.loop.time()
+        cdef double now = _now()
         cdef double deadline
         if self.active is not None:
             deadline = now + self.keepalive_timeout  # upstream timeouts govern this request
@@ -1037,7 +1046,7 @@ cdef class Exchange:
                 req.body_chunks = []
         if req.body_done and req.chunked:
             parts.append(CHUNK_END)
-        self.t_sent = self.loop.time()
+        self.t_sent = _now()
         conn.transport.write(b"".join(parts))
         self.streaming = True
         if req.body_bytes > self.client.replay_limit:
@@ -1111,7 +1120,7 @@ cdef class Exchange:
     cdef void on_upstream_head(self, UpstreamConnection conn, int status, list headers, bint keep_alive) except *:
         if self.done:
             return
-        self.t_head = self.loop.time()
+        self.t_head = _now()
         self.status = status
         self.upstream_keep_alive = keep_alive
         cdef Request req = self.req
