@@ -171,6 +171,7 @@ cdef class Exchange:
     cdef readonly int status
     cdef long long bytes_out
     cdef list out
+    cdef bint out_large                 # a body piece in `out` is big enough to write without copying
     cdef double t_sent
     cdef double t_head
 

@@ -1200,6 +1200,9 @@ cdef class Exchange:
         elif not req.http_11:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(CRLF)
+        head = b"".join(parts)
+        parts.clear()
+        parts.append(head)
         self.response_started = True
         if req.method == "HEAD":
             # llhttp would wait for the body a HEAD answer announces; the answer is complete here,
@@ -1211,16 +1214,26 @@ cdef class Exchange:
         if self.done:
             return
         self.bytes_out += PyBytes_GET_SIZE(data)
+        if PyBytes_GET_SIZE(data) > 4096:
+            self.out_large = True
         if self.chunked_out:
             _append_chunk(self.out, data)
         else:
             self.out.append(data)
 
     cdef void on_upstream_flush(self) except *:
-        # One write per upstream read: joining small pieces is cheaper than a writev entry each.
-        if self.out:
-            out = self.out
-            self.out = []
+        # One write per upstream read: small pieces are joined (cheaper than a writev entry each),
+        # large bodies go out as they are (writev, no copy).
+        cdef list out = self.out
+        if not out:
+            return
+        self.out = []
+        if len(out) == 1:
+            self.client.write(out[0])
+        elif self.out_large:
+            self.out_large = False
+            self.client.writelines(out)
+        else:
             self.client.write(b"".join(out))
 
     cdef void on_upstream_complete(self, UpstreamConnection conn) except *:
