@@ -6,7 +6,6 @@ traffic. Routes served: GET / (node info) and GET /status (Kong's shape, DB-less
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 import socket
@@ -19,6 +18,7 @@ import uvloop
 
 from ringgate import __version__
 from workers import http11
+from workers.child import prepare_child, report_ready
 
 if TYPE_CHECKING:
     from ringgate.config import Config
@@ -129,19 +129,14 @@ def _node_id(prefix: str) -> str:
 
 def run_control(settings: "Settings", config: "Config", listen: socket.socket, arena: "Arena",
                 ready_fd: int) -> int:
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: go when the master goes
-    except (OSError, AttributeError):
-        pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    prepare_child()
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     app = AdminApp(settings, config, arena)
     server = loop.run_until_complete(loop.create_server(lambda: AdminProtocol(app), sock=listen))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    _report_ready(ready_fd, b"c")
+    report_ready(ready_fd, b"c")
     try:
         loop.run_until_complete(stop.wait())
         server.close()
@@ -149,11 +144,3 @@ def run_control(settings: "Settings", config: "Config", listen: socket.socket, a
         loop.close()
     return 0
 
-
-def _report_ready(ready_fd: int, token: bytes) -> None:
-    # A respawned child's master is not listening for this any more; that is fine.
-    try:
-        os.write(ready_fd, token)
-    except OSError:
-        pass
-    os.close(ready_fd)

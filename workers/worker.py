@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import ipaddress
 import logging
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from shared_state import arena as arena_fields
+from workers.child import prepare_child, report_ready
 from workers.proxy import ClientProtocol, UpstreamPool, reset_request_ids
 from workers.resolver import Resolver
 from workers.runtime import Runtime
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from shared_state.arena import Arena, WorkerStats
 
 log = logging.getLogger("ringgate.worker")
-
-PR_SET_PDEATHSIG = 1
-
 
 class WorkerContext:
     """State shared by every connection of one worker."""
@@ -67,20 +64,10 @@ class WorkerContext:
         return known
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket.socket, arena: "Arena",
                ready_fd: int) -> int:
     """Serve until told to stop; returns the process exit status."""
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us by SIGTERM
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    prepare_child()
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     stats = arena.worker_stats(slot)
@@ -121,7 +108,7 @@ def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket
     # GC from rescanning it, so its pauses stay short on the request path.
     gc.collect()
     gc.freeze()
-    _report_ready(ready_fd, b"w")
+    report_ready(ready_fd, b"w")
     try:
         loop.run_until_complete(stopped.wait())
         ctx.pool.close_all()
@@ -130,11 +117,3 @@ def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket
         loop.close()
     return 0
 
-
-def _report_ready(ready_fd: int, token: bytes) -> None:
-    # A respawned child's master is not listening for this any more; that is fine.
-    try:
-        os.write(ready_fd, token)
-    except OSError:
-        pass
-    os.close(ready_fd)
