@@ -273,10 +273,16 @@ cdef class UpstreamPool:
     cdef UpstreamConnection acquire(self, tuple key):
         cdef list stack = self.idle.get(key)
         cdef UpstreamConnection conn
+        cdef double now
         while stack:
             conn = stack.pop()
-            if not conn.closed:
-                return conn
+            if conn.closed:
+                continue
+            now = _now()
+            if now - conn.idle_since >= self.idle_timeout:
+                conn.close()  # its timer has not fired yet, but it is past its idle time
+                continue
+            return conn
         return None
 
     cdef void release(self, UpstreamConnection conn, bint reusable) except *:
@@ -290,8 +296,7 @@ cdef class UpstreamPool:
             conn.close()
             return
         conn.idle_since = _now()
-        if conn.timer is None:
-            conn.timer = self.loop.call_at(conn.idle_since + self.idle_timeout, conn._check_timeout)
+        conn._arm(conn.idle_since + self.idle_timeout)
         stack.append(conn)
 
     cdef void forget(self, UpstreamConnection conn) except *:
