@@ -65,7 +65,8 @@ cdef class UpstreamConnection:
     # per exchange
     cdef Exchange exchange
     cdef object parser
-    cdef list headers
+    cdef bytes head_buf                 # bytes read since the exchange began, until the final head is parsed
+    cdef Py_ssize_t head_start          # where the answer's head starts in head_buf (after interim 1xx)
     cdef bint informational
     cdef bint head_done
     cdef readonly long long bytes_received
@@ -185,7 +186,8 @@ cdef class Exchange:
     cdef void _attempt_failed(self, bint timeout, bint sent) except *
     cdef void _release_target(self) except *
     cdef void _end_target(self) except *
-    cdef void on_upstream_head(self, UpstreamConnection conn, int status, list headers, bint keep_alive) except *
+    cdef void on_upstream_head(self, UpstreamConnection conn, int status, bytes buf, Py_ssize_t start,
+                               Py_ssize_t end, bint keep_alive) except *
     cdef void on_upstream_body(self, bytes data) except *
     cdef void on_upstream_flush(self) except *
     cdef void on_upstream_complete(self, UpstreamConnection conn) except *

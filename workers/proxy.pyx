@@ -21,7 +21,7 @@ import httptools
 
 from libc.stdio cimport snprintf
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-from libc.string cimport strncasecmp
+from libc.string cimport memchr, strncasecmp
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 from shared_state import arena as arena_fields
@@ -151,9 +151,7 @@ cdef enum ResponseHeader:
     RS_SERVER = 6
 
 
-cdef inline ResponseHeader _response_header(bytes name):
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(name)
-    cdef const char* s = PyBytes_AS_STRING(name)
+cdef inline ResponseHeader _response_header(const char* s, Py_ssize_t n) noexcept:
     if n == 14:
         if strncasecmp(s, "content-length", 14) == 0:
             return RS_CONTENT_LENGTH
@@ -184,6 +182,83 @@ cdef inline ResponseHeader _response_header(bytes name):
         if strncasecmp(s, "proxy-authenticate", 18) == 0:
             return RS_DROP
     return RS_KEEP
+
+
+cdef class _ResponseHead:
+    """What the gateway needs from an upstream answer's header block, and the lines it passes on."""
+    cdef list kept                # bytes slices of header lines to send on, verbatim
+    cdef bytes content_length
+    cdef bint chunked
+    cdef bint has_server
+    cdef bytes via
+    cdef list connection_named    # lowercase names listed in Connection (besides close/keep-alive)
+
+
+cdef inline Py_ssize_t _line_end(const char* s, Py_ssize_t pos, Py_ssize_t limit) noexcept:
+    cdef const char* nl = <const char*>memchr(s + pos, b'\n', limit - pos)
+    return limit if nl == NULL else nl - s + 1
+
+
+cdef _ResponseHead _scan_response_head(bytes buf, Py_ssize_t start, Py_ssize_t end, list drop):
+    """Walk the header lines of buf[start:end] (status line first; llhttp has already validated them).
+
+    Lines whose name is hop-by-hop, framing, Via, or listed in `drop` are left out; runs of kept lines
+    are sliced once each. An obs-fold continuation line follows the fate of the line it continues.
+    """
+    cdef _ResponseHead head = _ResponseHead.__new__(_ResponseHead)
+    cdef const char* s = PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t pos = _line_end(s, start, end)  # skip the status line
+    cdef Py_ssize_t line_end, name_end, value_start, value_end, run_start = pos
+    cdef const char* colon
+    cdef ResponseHeader kind
+    cdef bint keep = True
+    cdef bytes value
+    head.kept = []
+    while pos < end:
+        line_end = _line_end(s, pos, end)
+        if s[pos] == b' ' or s[pos] == b'\t':
+            pass  # continuation: same decision as the line above
+        else:
+            colon = <const char*>memchr(s + pos, b':', line_end - pos)
+            if colon == NULL:
+                break  # the blank line that ends the head
+            name_end = colon - s
+            kind = _response_header(s + pos, name_end - pos)
+            keep = kind == RS_KEEP or kind == RS_SERVER
+            if kind != RS_KEEP:
+                value_start = name_end + 1
+                value_end = line_end
+                while value_start < value_end and (s[value_start] == b' ' or s[value_start] == b'\t'):
+                    value_start += 1
+                while value_end > value_start and (s[value_end - 1] == b'\n' or s[value_end - 1] == b'\r'
+                                                   or s[value_end - 1] == b' ' or s[value_end - 1] == b'\t'):
+                    value_end -= 1
+                value = PyBytes_FromStringAndSize(s + value_start, value_end - value_start)
+                if kind == RS_CONTENT_LENGTH:
+                    head.content_length = value
+                elif kind == RS_TRANSFER_ENCODING:
+                    head.chunked = True
+                elif kind == RS_CONNECTION:
+                    for token in value.split(b","):
+                        token = token.strip().lower()
+                        if token and token != b"close" and token != b"keep-alive":
+                            if head.connection_named is None:
+                                head.connection_named = []
+                            head.connection_named.append(token)
+                elif kind == RS_VIA:
+                    head.via = value
+                elif kind == RS_SERVER:
+                    head.has_server = True
+            if keep and drop is not None:
+                keep = PyBytes_FromStringAndSize(s + pos, name_end - pos).lower() not in drop
+        if not keep:
+            if run_start < pos:
+                head.kept.append(buf[run_start:pos])
+            run_start = line_end
+        pos = line_end
+    if run_start < pos:
+        head.kept.append(buf[run_start:pos])
+    return head
 
 
 cdef inline bytes _status_line(int status):
@@ -328,7 +403,6 @@ cdef class UpstreamConnection:
         self.pool = pool
         self.key = key
         self.loop = pool.loop
-        self.headers = []
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("active" if self.exchange is not None else "idle")
@@ -338,7 +412,8 @@ cdef class UpstreamConnection:
         self.exchange = exchange
         if self.parser is None:
             self.parser = httptools.HttpResponseParser(self)
-        self.headers = []
+        self.head_buf = None
+        self.head_start = 0
         self.informational = False
         self.head_done = False
         self.bytes_received = 0
@@ -388,9 +463,16 @@ cdef class UpstreamConnection:
             return
         self.bytes_received += PyBytes_GET_SIZE(data)
         self.last_read = _now()
+        if not self.head_done:
+            self.head_buf = data if self.head_buf is None else self.head_buf + data
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as exc:
+            if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__ is not None:
+                log.error("error while reading an answer from %s:%s: %r", self.key[0], self.key[1],
+                          exc.__context__, exc_info=exc.__context__)
+            else:
+                log.warning("invalid answer from upstream %s:%s: %s", self.key[0], self.key[1], exc)
             exchange = self.exchange
             self.exchange = None
             self.abort()
@@ -428,19 +510,23 @@ cdef class UpstreamConnection:
 
     # Parser callbacks
 
-    def on_header(self, bytes name, bytes value) -> None:
-        self.headers.append((name, value))
+    # No on_header: a Python call per header line costs more than reading the lines from the raw
+    # head afterwards (_scan_response_head), once llhttp has accepted them.
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         cdef int status = parser.get_status_code()
+        cdef bytes buf = self.head_buf
+        # llhttp (strict) has just accepted a head ending in CRLF CRLF inside buf.
+        cdef Py_ssize_t end = buf.find(b"\r\n\r\n", self.head_start) + 4
         if 100 <= status < 200 and status != 101:
             # Interim answers (100 Continue, 103 Early Hints) are consumed; the final one follows.
             self.informational = True
-            self.headers = []
+            self.head_start = end
             return
         self.head_done = True
-        self.exchange.on_upstream_head(self, status, self.headers, parser.should_keep_alive())
+        self.exchange.on_upstream_head(self, status, buf, self.head_start, end, parser.should_keep_alive())
+        self.head_buf = None
 
     def on_body(self, bytes body) -> None:
         if self.exchange is not None:
@@ -1122,7 +1208,8 @@ cdef class Exchange:
 
     # Upstream callbacks
 
-    cdef void on_upstream_head(self, UpstreamConnection conn, int status, list headers, bint keep_alive) except *:
+    cdef void on_upstream_head(self, UpstreamConnection conn, int status, bytes buf, Py_ssize_t start,
+                               Py_ssize_t end, bint keep_alive) except *:
         if self.done:
             return
         self.t_head = _now()
@@ -1130,48 +1217,14 @@ cdef class Exchange:
         self.upstream_keep_alive = keep_alive
         cdef Request req = self.req
         cdef list parts = self.out
-        cdef bytes name, value
-        cdef bytes content_length = None
-        cdef bint chunked_up = False
-        cdef bint has_server = False
-        cdef bytes via = None
-        cdef list drop_named = None
-        cdef ResponseHeader kind
-        cdef Py_ssize_t head_start = len(parts)
+        cdef _ResponseHead head = _scan_response_head(buf, start, end, None)
+        if head.connection_named is not None:
+            head = _scan_response_head(buf, start, end, head.connection_named)
+        cdef bytes content_length = head.content_length
+        cdef bint chunked_up = head.chunked
+        cdef bytes via = head.via
         parts.append(_status_line(status))
-        for name, value in headers:
-            kind = _response_header(name)
-            if kind != RS_KEEP:
-                if kind == RS_CONTENT_LENGTH:
-                    content_length = value
-                elif kind == RS_TRANSFER_ENCODING:
-                    chunked_up = True
-                elif kind == RS_CONNECTION:
-                    for token in value.split(b","):
-                        token = token.strip().lower()
-                        if token and token != b"close" and token != b"keep-alive":
-                            if drop_named is None:
-                                drop_named = []
-                            drop_named.append(token)
-                elif kind == RS_VIA:
-                    via = value
-                elif kind == RS_SERVER:
-                    has_server = True
-                    parts.append(name)
-                    parts.append(COLON_SP)
-                    parts.append(value)
-                    parts.append(CRLF)
-                continue
-            parts.append(name)
-            parts.append(COLON_SP)
-            parts.append(value)
-            parts.append(CRLF)
-        if drop_named is not None:
-            kept = parts[:head_start + 1]
-            for i in range(head_start + 1, len(parts), 4):
-                if parts[i].lower() not in drop_named:
-                    kept += parts[i:i + 4]
-            parts[:] = kept
+        parts.extend(head.kept)
         cdef bint no_body = req.method == "HEAD" or status == 204 or status == 304 or status < 200
         if content_length is not None and not chunked_up:
             parts += [b"Content-Length: ", content_length, CRLF]
@@ -1187,7 +1240,7 @@ cdef class Exchange:
         if self.close_delimited:
             self.upstream_keep_alive = False
         parts += [b"Via: ", (via + b", " + VIA_TOKEN) if via is not None else VIA_TOKEN, CRLF]
-        if not has_server:
+        if not head.has_server:
             parts += [b"Server: ", SERVER_TOKEN, CRLF]
         cdef char latency[96]
         cdef int n = snprintf(latency, sizeof(latency),
@@ -1205,9 +1258,9 @@ cdef class Exchange:
         elif not req.http_11:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(CRLF)
-        head = b"".join(parts)
+        joined = b"".join(parts)
         parts.clear()
-        parts.append(head)
+        parts.append(joined)
         self.response_started = True
         if req.method == "HEAD":
             # llhttp would wait for the body a HEAD answer announces; the answer is complete here,
