@@ -123,3 +123,56 @@ def test_upstream_that_stops_reading_hits_write_timeout(gateway_factory: Callabl
         for conn in accepted:
             conn.close()
         sink.close()
+
+
+def test_connect_timeout_is_504_and_retried_elsewhere(gateway_factory: Callable[..., Gateway],
+                                                      origin_factory: Callable[[str], OriginServer]) -> None:
+    # A loopback listener whose accept queue is full: further SYNs are dropped, so connecting hangs.
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(full.getsockname())
+        fillers.append(s)
+    time.sleep(0.2)
+    live = origin_factory("live")
+    hung = f"127.0.0.1:{full.getsockname()[1]}"
+    config = {"_format_version": "3.0",
+              "upstreams": [{"name": "mixed", "targets": [{"target": hung}, {"target": live.address}]},
+                            {"name": "hung", "targets": [{"target": hung}]}],
+              "services": [
+                  {"name": "mixed", "url": "http://mixed", "connect_timeout": 300, "retries": 1,
+                   "routes": [{"name": "mixed", "paths": ["/mixed"]}]},
+                  {"name": "hung", "url": "http://hung", "connect_timeout": 300, "retries": 0,
+                   "routes": [{"name": "hung", "paths": ["/hung"]}]}]}
+    try:
+        gateway = _gateway(gateway_factory, config)
+        started = time.monotonic()
+        resp = request(gateway.proxy_port, "GET", "/hung")
+        assert resp.status == 504 and resp.json()["message"] == "The upstream server is timing out"
+        assert 0.25 <= time.monotonic() - started < 3
+        for _ in range(4):
+            assert request(gateway.proxy_port, "GET", "/mixed").status == 200
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
+
+
+def test_trusted_peer_keeps_its_forwarded_headers(gateway_factory: Callable[..., Gateway],
+                                                  origin_factory: Callable[[str], OriginServer]) -> None:
+    origin = origin_factory("trust")
+    gateway = gateway_factory(_config(origin.address), workers=1, extra_args=["--trusted-ips", "127.0.0.0/8"])
+    resp = request(gateway.proxy_port, "GET", "/t", headers={
+        "X-Forwarded-Proto": "https", "X-Forwarded-Host": "shop.example", "X-Forwarded-Port": "443",
+        "X-Forwarded-Prefix": "/shop", "X-Forwarded-For": "203.0.113.9"})
+    sent = {k.lower(): v for k, v in resp.json()["headers"]}
+    assert sent["x-forwarded-proto"] == "https"
+    assert sent["x-forwarded-host"] == "shop.example"
+    assert sent["x-forwarded-port"] == "443"
+    assert sent["x-forwarded-prefix"] == "/shop"
+    assert sent["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert [k for k, _ in resp.json()["headers"]].count("X-Forwarded-Port") == 1
