@@ -1,4 +1,4 @@
-"""`ringgate` command line: start, check, demo, stop."""
+"""`ringgate` command line: start, check, demo, stop, reload."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_flags(demo)
     stop = sub.add_parser("stop", help="stop a running gateway (via its pid file)")
     stop.add_argument("--prefix", metavar="DIR")
+    reload = sub.add_parser("reload", help="re-read the -c file of a running gateway (SIGHUP via its pid file)")
+    reload.add_argument("--prefix", metavar="DIR")
     return parser
 
 
@@ -111,17 +113,17 @@ def _run(settings: Settings, config: Any, label: str) -> int:
         return 1
 
 
-def cmd_stop(prefix: str) -> int:
+def cmd_signal(prefix: str, signo: signal.Signals, what: str) -> int:
     from workers.master import PID_FILE
     path = os.path.join(prefix, PID_FILE)
     try:
         with open(path) as f:
             pid = int(f.read().strip())
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signo)
     except (OSError, ValueError) as exc:
-        print(f"ringgate: cannot stop the gateway under {prefix}: {exc}", file=sys.stderr)
+        print(f"ringgate: cannot {what} the gateway under {prefix}: {exc}", file=sys.stderr)
         return 1
-    print(f"ringgate: sent SIGTERM to {pid}")
+    print(f"ringgate: sent {signo.name} to {pid}")
     return 0
 
 
@@ -135,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ringgate: {exc}", file=sys.stderr)
         return 2
     if args.command == "stop":
-        return cmd_stop(settings.prefix)
+        return cmd_signal(settings.prefix, signal.SIGTERM, "stop")
+    if args.command == "reload":
+        return cmd_signal(settings.prefix, signal.SIGHUP, "reload")
     _setup_logging(settings.log_level)
     if args.command == "demo":
         from ringgate.demo import run_demo

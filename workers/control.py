@@ -17,6 +17,7 @@ import orjson
 import uvloop
 
 from ringgate import __version__
+from ringgate.config.store import load_snapshot
 from workers import http11
 from workers.child import prepare_child, report_ready
 
@@ -78,8 +79,16 @@ class AdminApp:
         self.arena = arena
         self.node_id = _node_id(settings.prefix)
         self.started = time.time()
+        self.generation = arena.generation
+
+    def _follow_reloads(self) -> None:
+        generation = self.arena.generation
+        if generation != self.generation:
+            self.generation = generation
+            self.config = load_snapshot(self.settings.prefix)
 
     def __call__(self, method: str, path: str) -> bytes:
+        self._follow_reloads()
         path = path.rstrip("/") or "/"
         if method not in ("GET", "HEAD"):
             return _json(405, {"message": "Method not allowed"})
@@ -106,6 +115,7 @@ class AdminApp:
                     "total_requests": totals["requests"],
                 },
                 "configuration_hash": self.config.config_hash,
+                "configuration_generation": self.generation,
                 "memory": {"workers_lua_vms": []},
             })
         return _json(404, {"message": "Not found"})

@@ -144,7 +144,28 @@ class Master:
                 self.stop()
                 return 0
             elif signo == signal.SIGHUP:
-                log.warning("SIGHUP received: configuration reload is not supported yet; restart to apply changes")
+                self.reload()
+
+    def reload(self) -> None:
+        """Re-read the -c file; if it is valid, persist it and bump the generation every process watches."""
+        from ringgate.config import ConfigError, load_file
+        from ringgate.config.store import save_snapshot
+        path = self.settings.config_file
+        if not path:
+            log.warning("SIGHUP: the gateway was started without -c, there is no file to re-read")
+            return
+        try:
+            config = load_file(path)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            return
+        if config.config_hash == self.config.config_hash:
+            log.info("reload: %s is unchanged (%s)", path, config.config_hash)
+            return
+        save_snapshot(self.settings.prefix, config)
+        self.config = config  # children started from now on begin with it
+        generation = self.arena.bump_generation()
+        log.info("reloaded %s (%s), generation %d", path, config.config_hash, generation)
 
     def _next_respawn_delay(self) -> float:
         pending = [c.respawn_at for c in self.children if c.pid == 0]
@@ -227,6 +248,8 @@ def run(settings: "Settings", config: "Config", config_label: str) -> int:
         proxy_sock.close()
         raise
     arena = Arena(settings.worker_count + 1)
+    from ringgate.config.store import save_snapshot
+    save_snapshot(settings.prefix, config)
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     master = Master(settings, config, proxy_sock, admin_sock, arena)
     pid_path = os.path.join(settings.prefix, PID_FILE)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
+from ringgate.config.store import load_snapshot
 from shared_state import arena as arena_fields
 from workers.child import prepare_child, report_ready
 from workers.proxy import ClientProtocol, UpstreamPool, reset_request_ids
@@ -26,12 +27,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringgate.worker")
 
+# How often a worker looks at the arena's config generation (a reload reaches it within this).
+GENERATION_POLL = 0.1
+
 class WorkerContext:
     """State shared by every connection of one worker."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settings: "Settings", runtime: Runtime,
-                 stats: "WorkerStats", listen_port: int) -> None:
+                 stats: "WorkerStats", listen_port: int, generation: int = 0) -> None:
         self.loop = loop
+        self.generation = generation
         self.settings = settings
         self.runtime = runtime
         self.stats = stats
@@ -73,7 +78,7 @@ def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket
     stats = arena.worker_stats(slot)
     stats.set(arena_fields.PID, os.getpid())
     stats.set(arena_fields.STARTED_AT_MS, int(time.time() * 1000))
-    ctx = WorkerContext(loop, settings, Runtime(config), stats, listen.getsockname()[1])
+    ctx = WorkerContext(loop, settings, Runtime(config), stats, listen.getsockname()[1], arena.generation)
     server = loop.run_until_complete(
         loop.create_server(lambda: ClientProtocol(ctx), sock=listen, backlog=4096)
     )
@@ -98,12 +103,26 @@ def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket
 
         check()
 
+    def watch_generation() -> None:
+        # A reload is the arena's generation changing; requests already under way keep the tables
+        # they started with (they hold references to them), new ones get the new tables.
+        generation = arena.generation
+        if generation != ctx.generation:
+            ctx.generation = generation
+            try:
+                ctx.runtime = Runtime(load_snapshot(settings.prefix))
+                log.info("config generation %d in service (%s)", generation, ctx.runtime.config_hash)
+            except Exception:
+                log.exception("could not load config generation %d; the previous tables stay", generation)
+        loop.call_later(GENERATION_POLL, watch_generation)
+
     def heartbeat() -> None:
         stats.set(arena_fields.HEARTBEAT_MS, int(time.time() * 1000))
         loop.call_later(1.0, heartbeat)
 
     loop.add_signal_handler(signal.SIGTERM, begin_drain)
     heartbeat()
+    watch_generation()
     # Everything built so far (config, tables, modules) lives as long as the worker: keep the cyclic
     # GC from rescanning it, so its pauses stay short on the request path.
     gc.collect()
