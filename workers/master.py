@@ -2,7 +2,7 @@
 
 The master never runs an event loop, so nothing loop-shaped crosses a fork. It waits
 for signals with sigtimedwait: SIGCHLD (a child died: fold its counters, respawn with
-back-off), SIGTERM/SIGINT (graceful stop), SIGHUP (reload: not yet, logged).
+back-off), SIGTERM/SIGINT (graceful stop), SIGHUP (reload the -c file).
 """
 from __future__ import annotations
 
