@@ -101,6 +101,9 @@ cdef class ClientProtocol:
     cdef bint trusted                   # peer in trusted_ips: its X-Forwarded-* are kept
     cdef bytes ip_bytes
     cdef bytes conn_block               # X-Real-IP and the per-worker constant headers, built once
+    cdef str last_host                  # the Host of the previous request, and what was built from it
+    cdef bytes last_host_bytes
+    cdef bytes forwarded_block
     cdef readonly bint closed
     cdef object pending                 # deque of Request
     cdef Request active

@@ -62,6 +62,11 @@ cdef frozenset IDEMPOTENT = http11.IDEMPOTENT_METHODS
 cdef dict STATUS_LINES = http11.STATUS_LINES
 
 
+# Method names as str, looked up instead of decoded per request.
+cdef dict _METHOD_NAMES = {m.encode(): m for m in (
+    "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT")}
+
+
 class ClientError(Exception):
     """A request refused before routing: answered with `status`, then the connection closes."""
 
@@ -194,6 +199,15 @@ cdef class _ResponseHead:
     cdef list connection_named    # lowercase names listed in Connection (besides close/keep-alive)
 
 
+cdef void _connection_names(_ResponseHead head, bytes value) except *:
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token and token != b"close" and token != b"keep-alive":
+            if head.connection_named is None:
+                head.connection_named = []
+            head.connection_named.append(token)
+
+
 cdef inline Py_ssize_t _line_end(const char* s, Py_ssize_t pos, Py_ssize_t limit) noexcept:
     cdef const char* nl = <const char*>memchr(s + pos, b'\n', limit - pos)
     return limit if nl == NULL else nl - s + 1
@@ -225,7 +239,9 @@ cdef _ResponseHead _scan_response_head(bytes buf, Py_ssize_t start, Py_ssize_t e
             name_end = colon - s
             kind = _response_header(s + pos, name_end - pos)
             keep = kind == RS_KEEP or kind == RS_SERVER
-            if kind != RS_KEEP:
+            if kind == RS_SERVER:
+                head.has_server = True
+            elif kind != RS_KEEP and kind != RS_DROP and kind != RS_TRANSFER_ENCODING:
                 value_start = name_end + 1
                 value_end = line_end
                 while value_start < value_end and (s[value_start] == b' ' or s[value_start] == b'\t'):
@@ -236,19 +252,14 @@ cdef _ResponseHead _scan_response_head(bytes buf, Py_ssize_t start, Py_ssize_t e
                 value = PyBytes_FromStringAndSize(s + value_start, value_end - value_start)
                 if kind == RS_CONTENT_LENGTH:
                     head.content_length = value
-                elif kind == RS_TRANSFER_ENCODING:
-                    head.chunked = True
                 elif kind == RS_CONNECTION:
-                    for token in value.split(b","):
-                        token = token.strip().lower()
-                        if token and token != b"close" and token != b"keep-alive":
-                            if head.connection_named is None:
-                                head.connection_named = []
-                            head.connection_named.append(token)
+                    # The usual values name no other header; anything else is split into names.
+                    if not (_is(value, "keep-alive", 10) or _is(value, "close", 5)):
+                        _connection_names(head, value)
                 elif kind == RS_VIA:
                     head.via = value
-                elif kind == RS_SERVER:
-                    head.has_server = True
+            elif kind == RS_TRANSFER_ENCODING:
+                head.chunked = True
             if keep and drop is not None:
                 keep = PyBytes_FromStringAndSize(s + pos, name_end - pos).lower() not in drop
         if not keep:
@@ -724,7 +735,9 @@ cdef class ClientProtocol:
         req.t_start = self.last_activity
         req.request_id = next_request_id()
         parser = self.parser
-        req.method = parser.get_method().decode("ascii")
+        method = parser.get_method()
+        method_name = _METHOD_NAMES.get(method)
+        req.method = method_name if method_name is not None else method.decode("ascii")
         req.http_11 = parser.get_http_version() == "1.1"
         req.keep_alive = parser.should_keep_alive()
         url = self.url
@@ -752,6 +765,8 @@ cdef class ClientProtocol:
             elif _is(name, "expect", 6):
                 req.expect_continue = value.lower() == b"100-continue"
             elif _is(name, "connection", 10):
+                if _is(value, "keep-alive", 10) or _is(value, "close", 5):
+                    continue  # the usual values name no other header
                 tokens = frozenset(t.strip().lower() for t in value.split(b","))
                 req.connection_tokens = tokens if req.connection_tokens is None else req.connection_tokens | tokens
         if host is None:
@@ -1048,17 +1063,23 @@ cdef class Exchange:
         parts.append(client.ip_bytes)
         parts.append(CRLF)
         cdef str host = req.host
-        cdef Py_ssize_t colon = host.rfind(":")
-        if colon >= 0 and host[colon + 1:].isdigit():
-            host = host[:colon]
+        cdef Py_ssize_t colon
+        if host != client.last_host:
+            # Keep-alive clients send the same Host every time: its header block is built once.
+            client.last_host = host
+            colon = host.rfind(":")
+            if colon >= 0 and host[colon + 1:].isdigit():
+                host = host[:colon]
+            client.last_host_bytes = host.lower().encode("latin-1")
+            client.forwarded_block = (b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: " + client.last_host_bytes
+                                      + b"\r\nX-Forwarded-Path: ")
         prefix = None
         if forwarded is None:
-            parts += [b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: ", host.lower().encode("latin-1"),
-                      b"\r\nX-Forwarded-Path: ", req.raw_path, CRLF]
+            parts += [client.forwarded_block, req.raw_path, CRLF]
         else:
             parts += [
                 b"X-Forwarded-Proto: ", forwarded.get(b"x-forwarded-proto", b"http"), CRLF,
-                b"X-Forwarded-Host: ", forwarded.get(b"x-forwarded-host", host.lower().encode("latin-1")), CRLF,
+                b"X-Forwarded-Host: ", forwarded.get(b"x-forwarded-host", client.last_host_bytes), CRLF,
                 b"X-Forwarded-Path: ", forwarded.get(b"x-forwarded-path", req.raw_path), CRLF,
             ]
             if b"x-forwarded-port" in forwarded:
