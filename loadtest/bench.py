@@ -521,6 +521,12 @@ class CaseResult:
     p99_ratio_to_nginx: float | None = None
 
 
+def median_case(runs: list[CaseResult]) -> CaseResult:
+    """The round with the median req/s (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda case: case.result.requests_per_sec)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def add_ratios(cases: list[CaseResult]) -> None:
     baseline = {case.size: case.result for case in cases if case.target == "nginx"}
     for case in cases:
@@ -557,6 +563,10 @@ def markdown_report(
         f"- routes: {settings['routes']} prefix routes on both proxies; the benchmarked one is "
         f"#{settings['target_route_index']} `{settings['target_route']}`, after shorter decoy prefixes",
         background_line(background_busy, settings),
+        f"- rounds: {settings['rounds']}, targets interleaved; each row is that target's median round; "
+        "ringgate/nginx req/s per round: "
+        + "; ".join(f"{size} " + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+                    for size, ratios in meta["round_ratios"].items()),  # type: ignore[union-attr]
         "",
         "| target | size | req/s | p50 | p99 | req/s ratio to nginx | p99 ratio to nginx | errors "
         "| CPU busy (proxy / load) | origin conns opened |",
@@ -584,11 +594,13 @@ def markdown_report(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured case (default 10)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured case (default 5)")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     parser.add_argument("--workers", type=int, default=1, help="ringgate proxy workers (default 1)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 3 s per case, 1 s warm-up")
-    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each case (default 2)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each case (default 1)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds per size; the table shows each target's median (default 3)")
     parser.add_argument("--routes", type=int, default=1000, help="routes on each proxy (default 1000)")
     parser.add_argument("--targets", default=",".join(TARGETS),
                         help=f"comma-separated subset of {','.join(TARGETS)} (default: all)")
@@ -603,7 +615,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.target_list) - set(TARGETS)
     if unknown or not args.target_list:
         parser.error(f"--targets takes names from {', '.join(TARGETS)}")
-    if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.workers < 1:
+    if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.workers < 1 or args.rounds < 1:
         parser.error("--duration and --connections and --workers must be positive, --warmup non-negative")
     for option in ("proxy_cpus", "load_cpus"):
         try:
@@ -695,32 +707,42 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
 
     script = work_dir / "report.lua"
     script.write_text(WRK_REPORT_LUA)
-    cases: list[CaseResult] = []
+    # Rounds interleave the targets (origin, nginx, ringgate, origin, nginx, ...) so that a slow spell
+    # of this shared machine hits every target alike; the table shows each target's median round.
+    measured: dict[tuple[str, str], list[CaseResult]] = {}
     for size in SIZES:
-        for name in TARGETS:
-            if name not in targets:
-                continue
-            url = f"http://127.0.0.1:{ports[name]}{request_path(name, size)}"
-            print(f"bench: {TARGET_TITLES[name]}, {size.label}: {args.warmup:g} s warm-up, "
-                  f"{args.duration:g} s measured ({url})", file=sys.stderr, flush=True)
-            if args.warmup > 0:
-                run_wrk(url, args.warmup, args.connections, args.load_cpus, script)
-            settled_accepts: list[int] = []
-            proxy_before, load_before = cpu_jiffies(proxy_cpus), cpu_jiffies(load_cpus)
-            result = run_wrk(url, args.duration, args.connections, args.load_cpus, script,
-                             probe=lambda: settled_accepts.append(origin_counters(origin_port)[0]),
-                             probe_after=min(1.0, args.duration / 4))
-            if not settled_accepts:
-                raise BenchError(f"wrk ended before the probe, {min(1.0, args.duration / 4):g} s into the run")
-            proxy_busy = busy_fraction(proxy_before, cpu_jiffies(proxy_cpus))
-            load_busy = busy_fraction(load_before, cpu_jiffies(load_cpus))
-            accepts_after = origin_counters(origin_port)[0]
-            servers[name].refresh_tree()
-            cases.append(CaseResult(
-                target=name, size=size.label, result=result, proxy_cpu_busy=proxy_busy, load_cpu_busy=load_busy,
-                # The "after" status read is itself one accepted connection.
-                origin_connections_opened=accepts_after - settled_accepts[0] - 1,
-            ))
+        for round_index in range(args.rounds):
+            for name in TARGETS:
+                if name not in targets:
+                    continue
+                url = f"http://127.0.0.1:{ports[name]}{request_path(name, size)}"
+                print(f"bench: round {round_index + 1}/{args.rounds}, {TARGET_TITLES[name]}, {size.label}: "
+                      f"{args.warmup:g} s warm-up, {args.duration:g} s measured ({url})", file=sys.stderr, flush=True)
+                if args.warmup > 0:
+                    run_wrk(url, args.warmup, args.connections, args.load_cpus, script)
+                settled_accepts: list[int] = []
+                proxy_before, load_before = cpu_jiffies(proxy_cpus), cpu_jiffies(load_cpus)
+                result = run_wrk(url, args.duration, args.connections, args.load_cpus, script,
+                                 probe=lambda: settled_accepts.append(origin_counters(origin_port)[0]),
+                                 probe_after=min(1.0, args.duration / 4))
+                if not settled_accepts:
+                    raise BenchError(f"wrk ended before the probe, {min(1.0, args.duration / 4):g} s into the run")
+                proxy_busy = busy_fraction(proxy_before, cpu_jiffies(proxy_cpus))
+                load_busy = busy_fraction(load_before, cpu_jiffies(load_cpus))
+                accepts_after = origin_counters(origin_port)[0]
+                servers[name].refresh_tree()
+                measured.setdefault((size.label, name), []).append(CaseResult(
+                    target=name, size=size.label, result=result, proxy_cpu_busy=proxy_busy,
+                    load_cpu_busy=load_busy,
+                    # The "after" status read is itself one accepted connection.
+                    origin_connections_opened=accepts_after - settled_accepts[0] - 1,
+                ))
+    cases = [median_case(runs) for runs in measured.values()]
+    round_ratios = {
+        size.label: [r.result.requests_per_sec / n.result.requests_per_sec
+                     for r, n in zip(measured.get((size.label, "ringgate"), []), measured.get((size.label, "nginx"), []))]
+        for size in SIZES
+    }
     add_ratios(cases)
 
     memory: dict[str, TreeMemory] = {name: memory_of_tree(servers[name].process.pid) for name in ("nginx", "ringgate") if name in servers}
@@ -732,8 +754,9 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
             "duration_s": args.duration, "warmup_s": args.warmup, "connections": args.connections,
             "ringgate_workers": args.workers, "proxy_cpus": args.proxy_cpus, "load_cpus": args.load_cpus,
             "routes": len(routes.prefixes), "target_route_index": routes.target_index,
-            "target_route": routes.target_prefix, "targets": targets,
+            "target_route": routes.target_prefix, "targets": targets, "rounds": args.rounds,
         },
+        "round_ratios": round_ratios,
         "background_cpu_busy": background_busy,
         "server_commands": {name: shlex.join(server.argv) for name, server in servers.items()},
     }
