@@ -725,10 +725,12 @@ cdef int _headers_match(tuple rules, object headers) except -1:
     return 1
 
 
-cdef inline int _scan_plain(tuple entries, RouteMatch res, str method, object headers) except -1:
-    """Take the first entry of a rank-sorted list that beats res and passes methods/headers."""
+cdef inline int _scan(tuple entries, RouteMatch res, str method, object regex_path, object headers) except -1:
+    """Take the first entry of a rank-sorted list that beats res and passes methods, headers and,
+    for regex entries (regex_path given), the regex."""
     cdef Py_ssize_t i
     cdef _Entry entry
+    cdef object m = None
     for i in range(len(entries)):
         entry = <_Entry>entries[i]
         if entry.rank >= res._best_rank:
@@ -737,29 +739,10 @@ cdef inline int _scan_plain(tuple entries, RouteMatch res, str method, object he
             continue
         if entry.header_rules is not None and not _headers_match(entry.header_rules, headers):
             continue
-        res._best = entry
-        res._best_rank = entry.rank
-        res._best_regex_match = None
-        return 0
-    return 0
-
-
-cdef inline int _scan_regexes(tuple entries, RouteMatch res, str method, str path,
-                              object headers) except -1:
-    cdef Py_ssize_t i
-    cdef _Entry entry
-    cdef object m
-    for i in range(len(entries)):
-        entry = <_Entry>entries[i]
-        if entry.rank >= res._best_rank:
-            return 0
-        if entry.methods is not None and method not in entry.methods:
-            continue
-        if entry.header_rules is not None and not _headers_match(entry.header_rules, headers):
-            continue
-        m = entry.regex_match(path)
-        if m is None:
-            continue
+        if regex_path is not None:
+            m = entry.regex_match(regex_path)
+            if m is None:
+                continue
         res._best = entry
         res._best_rank = entry.rank
         res._best_regex_match = m
@@ -780,11 +763,11 @@ cdef int _scan_bucket(_Bucket bucket, RouteMatch res, str method, str path, obje
             continue
         group = PyDict_GetItem(bucket.prefixes, path if length == path_len else path[:length])
         if group != NULL:
-            _scan_plain(<tuple>group, res, method, headers)
+            _scan(<tuple>group, res, method, None, headers)
     if bucket.regexes is not None:
-        _scan_regexes(bucket.regexes, res, method, path, headers)
+        _scan(bucket.regexes, res, method, path, headers)
     if bucket.pathless is not None:
-        _scan_plain(bucket.pathless, res, method, headers)
+        _scan(bucket.pathless, res, method, None, headers)
     return 0
 
 

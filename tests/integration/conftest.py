@@ -8,8 +8,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pytest
 import yaml
@@ -100,6 +101,18 @@ class Gateway:
                 self.proc.kill()
                 self.proc.wait(5)
         return self.proc.returncode
+
+
+@contextmanager
+def serving(config: dict[str, Any], tmp: Path, origins: Iterable[Any], workers: int = 1) -> Iterator[Gateway]:
+    """A gateway in front of already started origins; on exit the gateway stops, then the origins."""
+    gateway = Gateway(config, tmp, workers=workers).start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+        for origin in origins:
+            origin.stop()
 
 
 @pytest.fixture

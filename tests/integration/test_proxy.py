@@ -4,14 +4,13 @@ from __future__ import annotations
 import http.client
 import socket
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from ringgate.origin import OriginServer
 from tests.integration.client import raw_exchange, request, status_of
-from tests.integration.conftest import Gateway, free_port
+from tests.integration.conftest import Gateway, free_port, serving
 
 pytestmark = pytest.mark.integration
 
@@ -89,14 +88,8 @@ def _config(o: dict[str, OriginServer], dead_port: int) -> dict[str, Any]:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     origins = {name: OriginServer(name).start() for name in ("a", "b", "c")}
     dead_port = free_port()
-    tmp: Path = tmp_path_factory.mktemp("proxy")
-    gateway = Gateway(_config(origins, dead_port), tmp, workers=2).start()
-    try:
+    with serving(_config(origins, dead_port), tmp_path_factory.mktemp("proxy"), origins.values(), 2) as gateway:
         yield Env(gateway, origins, dead_port)
-    finally:
-        gateway.stop()
-        for origin in origins.values():
-            origin.stop()
 
 
 def test_proxies_to_upstream_with_kong_headers(env: Env) -> None:

@@ -11,7 +11,6 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ import trustme
 
 from ringgate.origin import OriginServer
 from tests.integration.client import raw_exchange, request, status_of
-from tests.integration.conftest import Gateway, free_port
+from tests.integration.conftest import Gateway, free_port, serving
 
 pytestmark = pytest.mark.integration
 
@@ -175,14 +174,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     for origin in origins.values():
         origin.start()
     dead_port = free_port()
-    tmp: Path = tmp_path_factory.mktemp("edges")
-    gateway = Gateway(_config(origins, dead_port), tmp, workers=1).start()
-    try:
+    with serving(_config(origins, dead_port), tmp_path_factory.mktemp("edges"), origins.values()) as gateway:
         yield Env(gateway, origins, dead_port)
-    finally:
-        gateway.stop()
-        for origin in origins.values():
-            origin.stop()
 
 
 def _sent_headers(resp: Any) -> dict[str, str]:
