@@ -738,8 +738,8 @@ cdef class ClientProtocol:
         method = parser.get_method()
         method_name = _METHOD_NAMES.get(method)
         req.method = method_name if method_name is not None else method.decode("ascii")
-        req.http_11 = parser.get_http_version() == "1.1"
         req.keep_alive = parser.should_keep_alive()
+        cdef bint connection_header = False
         url = self.url
         if PyBytes_GET_SIZE(url) == 0 or PyBytes_AS_STRING(url)[0] != b'/':
             url = _origin_form(url)
@@ -762,13 +762,19 @@ cdef class ClientProtocol:
                 req.chunked = True
             elif _is(name, "accept", 6):
                 req.accept = value
+            elif _is(name, "proxy-connection", 16):
+                connection_header = True  # llhttp reads it like Connection for keep-alive
             elif _is(name, "expect", 6):
                 req.expect_continue = value.lower() == b"100-continue"
             elif _is(name, "connection", 10):
+                connection_header = True
                 if _is(value, "keep-alive", 10) or _is(value, "close", 5):
                     continue  # the usual values name no other header
                 tokens = frozenset(t.strip().lower() for t in value.split(b","))
                 req.connection_tokens = tokens if req.connection_tokens is None else req.connection_tokens | tokens
+        # Without a Connection header llhttp keeps HTTP/1.1 alive and closes HTTP/1.0, so the version
+        # is known without asking the parser to format it.
+        req.http_11 = req.keep_alive if not connection_header else parser.get_http_version() == "1.1"
         if host is None:
             if req.http_11:
                 raise ClientError(400, "Bad request: missing Host header")

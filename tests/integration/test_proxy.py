@@ -340,3 +340,20 @@ def test_http_10_client(env: Env) -> None:
     assert head.startswith(b"HTTP/1.1 200")
     assert b"Transfer-Encoding" not in head
     assert body == b"chunk 0\nchunk 1\n"
+
+
+def test_http_10_keep_alive_spellings_get_no_chunking(env: Env) -> None:
+    for header in (b"Connection: keep-alive", b"Proxy-Connection: keep-alive"):
+        with socket.create_connection(("127.0.0.1", env.port), timeout=5) as sock:
+            sock.sendall(b"GET /chunked/2 HTTP/1.0\r\n" + header + b"\r\n\r\n")
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), header
+        assert b"Transfer-Encoding" not in head, header  # an HTTP/1.0 client cannot read chunks
+        assert body == b"chunk 0\nchunk 1\n", header
+
