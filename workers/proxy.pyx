@@ -26,7 +26,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 
 from shared_state import arena as arena_fields
 from workers import http11
-from workers.resolver import NameResolutionError, Resolver
+from workers.resolver import NameResolutionError
 
 from fastpath.balancer cimport Balancer
 from fastpath.router cimport RouteMatch, Router
