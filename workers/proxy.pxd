@@ -62,6 +62,7 @@ cdef class UpstreamConnection:
     cdef readonly long long requests_served
     cdef double idle_since
     cdef object timer
+    cdef double timer_at                # when `timer` fires (compared in C, not asked of the handle)
     # per exchange
     cdef Exchange exchange
     cdef object parser
@@ -78,6 +79,7 @@ cdef class UpstreamConnection:
     cdef void attach(self, Exchange exchange, double read_timeout, double write_timeout) except *
     cdef void detach(self)
     cdef void _arm(self, double deadline) except *
+    cdef void _schedule(self, double deadline) except *
     cdef void close(self) except *
     cdef void abort(self) except *
 

@@ -441,11 +441,14 @@ cdef class UpstreamConnection:
 
     cdef void _arm(self, double deadline) except *:
         # Keep an earlier timer (it re-checks when it fires); replace a later one.
-        timer = self.timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self.timer = self.loop.call_at(deadline, self._check_timeout)
+        if self.timer is None or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self._schedule(deadline)
+
+    cdef void _schedule(self, double deadline) except *:
+        self.timer_at = deadline
+        self.timer = self.loop.call_at(deadline, self._check_timeout)
 
     cdef void close(self) except *:
         if not self.closed:
@@ -564,7 +567,7 @@ cdef class UpstreamConnection:
             if now >= deadline:
                 self.close()
                 return
-            self.timer = self.loop.call_at(deadline, self._check_timeout)
+            self._schedule(deadline)
             return
         if self.write_paused_at:
             deadline = self.write_paused_at + self.write_timeout
@@ -576,7 +579,7 @@ cdef class UpstreamConnection:
             self.abort()
             exchange.on_upstream_lost(self, LOST_TIMEOUT)
             return
-        self.timer = self.loop.call_at(deadline, self._check_timeout)
+        self._schedule(deadline)
 
 
 # ---------------------------------------------------------------------------
