@@ -22,21 +22,6 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
     return line
 
 
-# Hop-by-hop headers (RFC 9110 7.6.1) plus the framing headers the gateway rewrites itself.
-HOP_BY_HOP: frozenset[bytes] = frozenset(
-    (
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-    )
-)
-
 IDEMPOTENT_METHODS: frozenset[str] = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"))
 
 # Kong's messages (kong-spec §3).
@@ -48,24 +33,6 @@ MSG_NO_PEER = "failure to get a peer from the ring-balancer"
 MSG_NAME_RESOLUTION = "name resolution failed"
 MSG_UNEXPECTED = "An unexpected error occurred"
 MSG_BAD_REQUEST = "Bad request"
-
-_CLIENT_ERROR_TEXT = {
-    400: "Bad request",
-    408: "Request timeout",
-    413: "Request Entity Too Large",
-    414: "Request-URI Too Large",
-    431: "Request Header Fields Too Large",
-    500: MSG_UNEXPECTED,
-    501: "Not Implemented",
-    502: MSG_BAD_GATEWAY,
-    503: "The upstream server is currently unavailable",
-    504: MSG_TIMEOUT,
-}
-
-
-def default_message(status: int) -> str:
-    return _CLIENT_ERROR_TEXT.get(status, f"The upstream server responded with {status}")
-
 
 def wants_text(accept: bytes | None) -> bool:
     """Kong answers JSON unless the client's Accept prefers text/plain (or text/html) over JSON."""

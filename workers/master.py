@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from ringgate.config import ConfigError, load_file
+from ringgate.config.store import save_snapshot
 from shared_state.arena import Arena
 
 if TYPE_CHECKING:
@@ -148,8 +150,6 @@ class Master:
 
     def reload(self) -> None:
         """Re-read the -c file; if it is valid, persist it and bump the generation every process watches."""
-        from ringgate.config import ConfigError, load_file
-        from ringgate.config.store import save_snapshot
         path = self.settings.config_file
         if not path:
             log.warning("SIGHUP: the gateway was started without -c, there is no file to re-read")
@@ -248,7 +248,6 @@ def run(settings: "Settings", config: "Config", config_label: str) -> int:
         proxy_sock.close()
         raise
     arena = Arena(settings.worker_count + 1)
-    from ringgate.config.store import save_snapshot
     save_snapshot(settings.prefix, config)
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     master = Master(settings, config, proxy_sock, admin_sock, arena)
