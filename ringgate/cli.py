@@ -27,6 +27,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
                         "headers are kept (default none; env RINGGATE_TRUSTED_IPS)")
     parser.add_argument("--drain-timeout", metavar="SECONDS", help="graceful stop limit (default 10; "
                         "env RINGGATE_DRAIN_TIMEOUT)")
+    parser.add_argument("--health-capacity", metavar="N", help="target health blocks in shared memory "
+                        "(default 4096; env RINGGATE_HEALTH_CAPACITY)")
     parser.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error (default info; "
                         "env RINGGATE_LOG_LEVEL)")
 
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
     """Defaults < RINGGATE_* environment < flags, as Kong does with KONG_* and kong.conf."""
     values: dict[str, Any] = from_environment(environ)
-    for name in ("proxy_listen", "admin_listen", "workers", "prefix", "trusted_ips", "drain_timeout", "log_level"):
+    for name in ("proxy_listen", "admin_listen", "workers", "prefix", "trusted_ips", "drain_timeout", "log_level",
+                 "health_capacity"):
         raw = getattr(args, name, None)
         if raw is not None:
             values[name] = coerce(name, raw)

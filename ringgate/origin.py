@@ -10,6 +10,7 @@ Endpoints (any method):
   /drop                   close the connection without answering
   /truncate               announce 100 bytes, send 10, close
   anything else           JSON echo of the request (method, path, query, headers, body, server name)
+`force_status` (attribute) answers every request with one status, whatever its path.
 """
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ class _OriginProtocol(asyncio.Protocol):
         args = {k: v[0] for k, v in parse_qs(query).items()}
         parts = path.strip("/").split("/")
         conn = [] if keep_alive else [("Connection", "close")]
-        if parts[0] == "status" and len(parts) > 1:
-            status = int(parts[1])
+        forced = self.server.force_status
+        if forced is not None or (parts[0] == "status" and len(parts) > 1):
+            status = forced if forced is not None else int(parts[1])
             payload = orjson.dumps({"status": status, "server": self.server.name})
             t.write(self._head(status, [("Content-Type", "application/json"),
                                         ("Content-Length", str(len(payload)))] + conn) + payload)
@@ -176,6 +178,8 @@ class OriginServer:
         self.requests = 0
         self.connections = 0
         self.log: list[tuple[str, str]] = []
+        # Set: every request is answered with this status (a target that turns sick, then recovers).
+        self.force_status: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: Any = None

@@ -82,6 +82,8 @@ class Settings:
     # A request body up to this size is kept so a retry can replay it; larger bodies stream and are not replayed.
     replay_buffer_bytes: int = 1 << 20
     log_level: str = "info"
+    # Target health blocks in shared memory (128 bytes each); a block is claimed per (upstream, host, port).
+    health_capacity: int = 4096
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ringgate.config import ConfigError, load_file
-from ringgate.config.store import save_snapshot
+from ringgate.config.store import load_snapshot, save_snapshot
 from shared_state.arena import Arena
+from shared_state.health import HealthTable
 
 if TYPE_CHECKING:
     from ringgate.config import Config
@@ -70,6 +71,7 @@ class Master:
     proxy_sock: socket.socket
     admin_sock: socket.socket
     arena: Arena
+    health: HealthTable
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
 
@@ -87,14 +89,27 @@ class Master:
         child.pid = pid
         child.started = time.monotonic()
 
+    def _current_config(self) -> "Config":
+        # Admin API writes publish a snapshot without telling the master: a child (re)started after
+        # any reload begins with the snapshot, which is always the newest validated config.
+        if self.arena.generation == 0:
+            return self.config
+        try:
+            return load_snapshot(self.settings.prefix)
+        except Exception:
+            logging.getLogger("ringgate").exception("cannot read the config snapshot; starting with the last known")
+            return self.config
+
     def _child_main(self, child: Child, ready_fd: int) -> int:
+        config = self._current_config()
         if child.kind == "control":
             self.proxy_sock.close()
             from workers.control import run_control
-            return run_control(self.settings, self.config, self.admin_sock, self.arena, ready_fd)
+            return run_control(self.settings, config, self.admin_sock, self.arena, ready_fd)
         self.admin_sock.close()
         from workers.worker import run_worker
-        return run_worker(child.slot, self.settings, self.config, self.proxy_sock, self.arena, ready_fd)
+        return run_worker(child.slot, self.settings, config, self.proxy_sock, self.arena, ready_fd,
+                          health=self.health)
 
     def start_all(self, announce: Callable[[], None]) -> None:
         read_fd, write_fd = os.pipe()
@@ -248,9 +263,10 @@ def run(settings: "Settings", config: "Config", config_label: str) -> int:
         proxy_sock.close()
         raise
     arena = Arena(settings.worker_count + 1)
+    health = HealthTable(settings.health_capacity)
     save_snapshot(settings.prefix, config)
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    master = Master(settings, config, proxy_sock, admin_sock, arena)
+    master = Master(settings, config, proxy_sock, admin_sock, arena, health)
     pid_path = os.path.join(settings.prefix, PID_FILE)
 
     def announce() -> None:

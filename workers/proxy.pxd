@@ -14,6 +14,19 @@
 from fastpath.balancer cimport Balancer
 from fastpath.router cimport RouteMatch, Router
 from shared_state.arena cimport WorkerStats
+from shared_state.health cimport HealthTable
+
+
+cdef class HealthSync:
+    # One per worker: keeps this worker's balancers in step with the node-wide target states
+    # (one atomic load per request when nothing changed) and reports passive results.
+    cdef readonly HealthTable table
+    cdef readonly unsigned long long seen      # the table's change count the balancers reflect
+    cdef object ctx                            # WorkerContext: its current runtime's upstreams
+
+    cdef void check(self) except *
+    cdef int try_trial(self, object upstream, object excluded) except -2
+    cdef void report(self, object upstream, int index, int outcome) except *
 
 
 cdef class Request:
@@ -90,6 +103,7 @@ cdef class ClientProtocol:
     cdef object loop
     cdef UpstreamPool pool
     cdef WorkerStats stats
+    cdef HealthSync health
     cdef Py_ssize_t max_request_line
     cdef Py_ssize_t max_header_bytes
     cdef Py_ssize_t max_headers
@@ -147,6 +161,8 @@ cdef class Exchange:
     cdef object service
     cdef object upstream                # UpstreamRuntime or None
     cdef Balancer balancer              # upstream's balancer or None
+    cdef bint health_checked            # the upstream has a health checker (Kong's rule)
+    cdef object passive_status          # bytes status -> verdict, or None (no passive counting)
     cdef object ctx
     cdef object loop
     # attempts

@@ -29,6 +29,9 @@ from workers import http11
 from workers.resolver import NameResolutionError
 
 from fastpath.balancer cimport Balancer
+from shared_state.health cimport (HealthTable, HealthPolicy, monotonic_ms, OUTCOME_SUCCESS,
+                                  OUTCOME_HTTP_FAILURE, OUTCOME_TCP_FAILURE, OUTCOME_TIMEOUT, S_EJECTED, S_TRIAL)
+from shared_state import health_rules
 from fastpath.router cimport RouteMatch, Router
 from shared_state.arena cimport WorkerStats
 
@@ -591,6 +594,7 @@ cdef class ClientProtocol:
         self.loop = ctx.loop
         self.pool = ctx.pool
         self.stats = ctx.stats
+        self.health = ctx.health
         settings = ctx.settings
         self.max_request_line = settings.max_request_line
         self.max_header_bytes = settings.max_header_bytes
@@ -993,6 +997,80 @@ cdef bytes _origin_form(bytes url):
 
 
 # ---------------------------------------------------------------------------
+# Node-wide target health, seen from one worker
+
+cdef class HealthSync:
+    def __init__(self, HealthTable table, ctx: object) -> None:
+        self.table = table
+        self.ctx = ctx
+        self.seen = table.change_count()
+
+    cdef void check(self) except *:
+        cdef unsigned long long changes = self.table.change_count()
+        if changes == self.seen:
+            return
+        # Some target changed state somewhere on the node: re-read the states for this worker's balancers.
+        self.seen = changes
+        for upstream in self.ctx.runtime.checked:
+            upstream.sync_health(self.table)
+
+    cdef int try_trial(self, object upstream, object excluded) except -2:
+        """Take the single trial of an ejected target whose time is up; its index, or -1."""
+        cdef unsigned long long now = monotonic_ms()
+        if now < <unsigned long long>upstream.next_trial_ms:
+            return -1
+        cdef HealthPolicy policy = upstream.health_policy
+        cdef int index = 0, slot, state
+        cdef unsigned long long nearest = 0, deadline
+        for slot in upstream.health_slots:
+            if slot >= 0 and (excluded is None or index not in excluded) and upstream.targets[index][2] > 0:
+                state = self.table.state_of(slot)
+                if state == S_EJECTED or state == S_TRIAL:
+                    deadline = self.table.deadline(slot)
+                    if deadline <= now:
+                        if self.table.apply(slot, health_rules.Event.TRIAL_DUE, policy, now) >= 0:
+                            _log_transition(upstream, index, health_rules.Event.TRIAL_DUE, self.table)
+                            return index
+                    elif nearest == 0 or deadline < nearest:
+                        nearest = deadline
+            index += 1
+        upstream.next_trial_ms = nearest
+        return -1
+
+    cdef void report(self, object upstream, int index, int outcome) except *:
+        """One passive result for a target (outcome -1: a status neither list names)."""
+        cdef int slot = upstream.health_slots[index]
+        if slot < 0:
+            return
+        if outcome < 0:
+            if self.table.state_of(slot) != S_TRIAL:
+                return
+            outcome = OUTCOME_SUCCESS  # the trial request got an answer that is not a failure
+        cdef int event = self.table.report(slot, outcome, False, upstream.health_policy, monotonic_ms())
+        if event >= 0:
+            _log_transition(upstream, index, event, self.table, _OUTCOME_NAMES[outcome])
+
+
+_OUTCOME_NAMES = ("success", "http failure", "tcp failure", "timeout")
+
+
+def _log_transition(upstream: object, index: int, event: int, table: HealthTable, cause: str = "") -> None:
+    """Logged by the one process that won the transition."""
+    host, port, _ = upstream.targets[index]
+    block = table.read(upstream.health_slots[index])
+    state = block["state"].name
+    if event == health_rules.Event.TRIAL_DUE:
+        log.info("upstream %s: target %s:%d: ejection over, sending one trial request", upstream.name, host, port)
+    elif block["state"] == health_rules.State.EJECTED:
+        hold = max(0, block["deadline_ms"] - monotonic_ms()) / 1000
+        log.warning("upstream %s: target %s:%d ejected for %.1fs after a passive %s (ejection %d in a row)",
+                    upstream.name, host, port, hold, cause, block["ejections"])
+    else:
+        log.warning("upstream %s: target %s:%d is now %s (passive checks: %s, after a %s)", upstream.name, host,
+                    port, state, health_rules.Event(event).name.lower().replace("_", " "), cause)
+
+
+# ---------------------------------------------------------------------------
 # One request's trip to the upstream
 
 cdef class Exchange:
@@ -1003,7 +1081,11 @@ cdef class Exchange:
         self.route = route
         self.service = service
         self.upstream = service.upstream
-        self.balancer = self.upstream.balancer if self.upstream is not None else None
+        upstream = self.upstream
+        if upstream is not None:
+            self.balancer = upstream.balancer
+            self.health_checked = upstream.health_policy is not None
+            self.passive_status = upstream.passive_status
         self.ctx = client.ctx
         self.loop = client.loop
         self.tries_left = service.retries
@@ -1120,12 +1202,20 @@ cdef class Exchange:
         cdef int index
         cdef UpstreamConnection conn
         if self.balancer is not None:
-            index = self.balancer.pick(self.excluded, self.hash_value)
-            if index < 0:
-                self._fail(503, http11.MSG_NO_PEER)
-                return
+            index = -1
+            if self.health_checked:
+                self.client.health.check()
+                if self.upstream.next_trial_ms:
+                    index = self.client.health.try_trial(self.upstream, self.excluded)
+            if index >= 0:
+                self.picked = False  # the trial target is outside the balancer: nothing to release
+            else:
+                index = self.balancer.pick(self.excluded, self.hash_value)
+                if index < 0:
+                    self._fail(503, http11.MSG_NO_PEER)
+                    return
+                self.picked = True
             self.target = index
-            self.picked = True
             target = self.upstream.targets[index]
             self.target_host = target[0]
             self.target_port = target[1]
@@ -1202,6 +1292,8 @@ cdef class Exchange:
     cdef void _attempt_failed(self, bint timeout, bint sent) except *:
         """One try failed before any byte of the answer reached the client: retry or answer with an error."""
         self.client.stats.add(F_UPSTREAM_TIMEOUTS if timeout else F_UPSTREAM_CONNECT_ERRORS, 1)
+        if self.passive_status is not None and self.target >= 0:
+            self.client.health.report(self.upstream, self.target, OUTCOME_TIMEOUT if timeout else OUTCOME_TCP_FAILURE)
         self._end_target()
         cdef Request req = self.req
         cdef bint retryable = self.tries_left > 0 and (
@@ -1244,6 +1336,11 @@ cdef class Exchange:
             return
         self.t_head = _now()
         self.status = status
+        cdef int verdict
+        if self.passive_status is not None and self.target >= 0 and 0 <= status < 600:
+            verdict = (<const unsigned char*>PyBytes_AS_STRING(self.passive_status))[status]
+            self.client.health.report(self.upstream, self.target,
+                                      -1 if verdict == 0 else OUTCOME_SUCCESS if verdict == 1 else OUTCOME_HTTP_FAILURE)
         self.upstream_keep_alive = keep_alive
         cdef Request req = self.req
         cdef list parts = self.out

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastpath.balancer import Balancer
 from fastpath.router import RouteSpec, Router
+from shared_state import health_rules
+from shared_state.health import HealthPolicy, HealthTable
 from workers.resolver import Resolver
 
 if TYPE_CHECKING:
@@ -21,10 +23,11 @@ log = logging.getLogger("ringgate.runtime")
 
 class UpstreamRuntime:
     __slots__ = ("name", "balancer", "targets", "target_ips", "host_header", "hash_on", "hash_on_key",
-                 "observe_latency",
-                 "hash_fallback", "hash_fallback_key", "hash_cookie_path")
+                 "observe_latency", "hash_fallback", "hash_fallback_key", "hash_cookie_path",
+                 "health_slots", "health_policy", "passive_status", "next_trial_ms", "health_mode",
+                 "outlier", "threshold")
 
-    def __init__(self, upstream: Any) -> None:
+    def __init__(self, upstream: Any, health: HealthTable | None = None) -> None:
         self.name: str = upstream.name
         self.targets: tuple[tuple[str, int, int], ...] = tuple(
             (t.host, t.port, t.weight) for t in upstream.targets
@@ -39,9 +42,96 @@ class UpstreamRuntime:
         self.hash_fallback: str = upstream.hash_fallback
         self.hash_fallback_key: str | None = _hash_key(upstream, "hash_fallback", upstream.hash_fallback)
         self.hash_cookie_path: str = upstream.hash_on_cookie_path or "/"
+        # Health: the shared block of each target (by identity, so it survives reloads), the
+        # thresholds, and for passive checks a status -> verdict table (0 ignore, 1 success, 2 failure).
+        checks = upstream.healthchecks
+        self.health_policy: HealthPolicy | None = health_policy(checks)
+        self.outlier = checks.outlier
+        self.threshold: float = checks.threshold
+        self.health_slots: tuple[int, ...] = ()
+        self.passive_status: bytes | None = None
+        self.next_trial_ms: int = 0
+        self.health_mode: str = "normal"
+        if health is not None and self.health_policy is not None:
+            self.health_slots = tuple(health.slot_for(self.name, host, port) for host, port, _ in self.targets)
+            for (host, port, _), slot in zip(self.targets, self.health_slots):
+                if slot < 0:
+                    log.error("upstream %s: the health table is full, target %s:%d is not health-checked "
+                              "(raise --health-capacity)", self.name, host, port)
+            if self.health_policy.passive:
+                self.passive_status = _status_verdicts(checks.passive)
+            self.sync_health(health)
+
+    def sync_health(self, health: HealthTable) -> None:
+        """Apply the node-wide target states to this worker's balancer (after any transition)."""
+        if not self.health_slots:
+            return
+        states: list[int] = []
+        changed: list[int] = []
+        next_trial = 0
+        for slot in self.health_slots:
+            if slot < 0:
+                states.append(health_rules.State.HEALTHY)
+                changed.append(0)
+                continue
+            block = health.read(slot)
+            state = block["state"]
+            states.append(state)
+            changed.append(block["changed_at_ms"])
+            if state in (health_rules.State.EJECTED, health_rules.State.TRIAL):
+                deadline = block["deadline_ms"]
+                next_trial = deadline if not next_trial else min(next_trial, deadline)
+        outlier = self.outlier
+        available, mode = health_rules.balancer_view(
+            states, [w for _, _, w in self.targets], changed,
+            max_ejection_percent=outlier.max_ejection_percent, panic_threshold=outlier.panic_threshold,
+            threshold=self.threshold)
+        for index, flag in enumerate(available):
+            self.balancer.set_available(index, flag)
+        if mode != self.health_mode:
+            log.warning("upstream %s: %s", self.name, _MODE_MESSAGES[mode])
+            self.health_mode = mode
+        self.next_trial_ms = next_trial
 
     def __repr__(self) -> str:
         return f"<UpstreamRuntime {self.name} {self.balancer!r}>"
+
+
+_MODE_MESSAGES = {
+    "normal": "health back to normal",
+    "panic": "panic mode: too few healthy targets, traffic is spread over all of them",
+    "unhealthy": "unhealthy: available weight at or below healthchecks.threshold, requests get 503",
+}
+
+
+def health_policy(checks: Any) -> HealthPolicy | None:
+    """Kong's thresholds for an upstream, or None when it has no health checker at all.
+
+    Kong creates a checker only if an active interval or a passive unhealthy counter is non-zero.
+    """
+    active, passive = checks.active, checks.passive
+    active_on = bool(active.healthy.interval or active.unhealthy.interval)
+    passive_counters = (passive.unhealthy.http_failures, passive.unhealthy.tcp_failures, passive.unhealthy.timeouts)
+    if not active_on and not any(passive_counters):
+        return None
+    outlier = checks.outlier
+    return HealthPolicy(
+        active=(active.healthy.successes, active.unhealthy.http_failures, active.unhealthy.tcp_failures,
+                active.unhealthy.timeouts),
+        passive=(passive.healthy.successes, *passive_counters),
+        base_ejection_ms=int(outlier.base_ejection_time * 1000),
+        max_ejection_ms=int(outlier.max_ejection_time * 1000),
+        active_enabled=active_on,
+    )
+
+
+def _status_verdicts(passive: Any) -> bytes:
+    table = bytearray(600)
+    for status in passive.healthy.http_statuses:
+        table[status] = 1
+    for status in passive.unhealthy.http_statuses:
+        table[status] = 2  # listed in both: the failure wins, as a target that answers it is in trouble
+    return bytes(table)
 
 
 def _hash_key(upstream: Any, prefix: str, mode: str) -> str | None:
@@ -137,10 +227,11 @@ class RouteRuntime:
 class Runtime:
     """Everything a worker needs to serve one config generation."""
 
-    __slots__ = ("router", "services", "upstreams", "config_hash", "header_names")
+    __slots__ = ("router", "services", "upstreams", "config_hash", "header_names", "checked")
 
-    def __init__(self, config: "Config") -> None:
-        self.upstreams: dict[str, UpstreamRuntime] = {u.name: UpstreamRuntime(u) for u in config.upstreams}
+    def __init__(self, config: "Config", health: HealthTable | None = None) -> None:
+        self.upstreams: dict[str, UpstreamRuntime] = {u.name: UpstreamRuntime(u, health) for u in config.upstreams}
+        self.checked: tuple[UpstreamRuntime, ...] = tuple(u for u in self.upstreams.values() if u.health_slots)
         self.services: dict[str, ServiceRuntime] = {}
         for service in config.services:
             self.services[service.id] = ServiceRuntime(service, self.upstreams.get(service.host))

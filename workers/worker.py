@@ -16,7 +16,8 @@ import uvloop
 from ringgate.config.store import load_snapshot
 from shared_state import arena as arena_fields
 from workers.child import prepare_child, report_ready
-from workers.proxy import ClientProtocol, UpstreamPool, reset_request_ids
+from shared_state.health import HealthTable
+from workers.proxy import ClientProtocol, HealthSync, UpstreamPool, reset_request_ids
 from workers.resolver import Resolver
 from workers.runtime import Runtime
 
@@ -34,12 +35,15 @@ class WorkerContext:
     """State shared by every connection of one worker."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settings: "Settings", runtime: Runtime,
-                 stats: "WorkerStats", listen_port: int, generation: int = 0) -> None:
+                 stats: "WorkerStats", listen_port: int, generation: int = 0,
+                 health: HealthTable | None = None) -> None:
         self.loop = loop
         self.generation = generation
         self.settings = settings
         self.runtime = runtime
         self.stats = stats
+        self.health_table = health if health is not None else HealthTable(1)
+        self.health = HealthSync(self.health_table, self)
         self.listen_port = listen_port
         self.listen_port_bytes = str(listen_port).encode()
         # Upstream request headers that are the same for every request of this worker.
@@ -70,7 +74,7 @@ class WorkerContext:
 
 
 def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket.socket, arena: "Arena",
-               ready_fd: int) -> int:
+               ready_fd: int, health: HealthTable | None = None) -> int:
     """Serve until told to stop; returns the process exit status."""
     prepare_child()
     loop = uvloop.new_event_loop()
@@ -78,7 +82,8 @@ def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket
     stats = arena.worker_stats(slot)
     stats.set(arena_fields.PID, os.getpid())
     stats.set(arena_fields.STARTED_AT_MS, int(time.time() * 1000))
-    ctx = WorkerContext(loop, settings, Runtime(config), stats, listen.getsockname()[1], arena.generation)
+    ctx = WorkerContext(loop, settings, Runtime(config, health), stats, listen.getsockname()[1], arena.generation,
+                        health)
     server = loop.run_until_complete(
         loop.create_server(lambda: ClientProtocol(ctx), sock=listen, backlog=4096)
     )
@@ -110,7 +115,7 @@ def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket
         if generation != ctx.generation:
             ctx.generation = generation
             try:
-                ctx.runtime = Runtime(load_snapshot(settings.prefix))
+                ctx.runtime = Runtime(load_snapshot(settings.prefix), ctx.health_table)
                 log.info("config generation %d in service (%s)", generation, ctx.runtime.config_hash)
             except Exception:
                 log.exception("could not load config generation %d; the previous tables stay", generation)

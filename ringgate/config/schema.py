@@ -608,9 +608,26 @@ class PassiveHealthcheck(Record):
     unhealthy: PassiveUnhealthy = Field(default_factory=PassiveUnhealthy)
 
 
+class Outlier(Record):
+    """Ringgate's extension, not in Kong: passive ejection that recovers (Envoy's outlier detection).
+
+    Kong's passive checks mark a target unhealthy for good (only active checks or the Admin API
+    bring it back), a known defect; here an ejected target gets one trial request after
+    base x (consecutive ejections), capped at max. base_ejection_time 0 restores Kong's behaviour.
+    """
+
+    base_ejection_time: Seconds = 30.0
+    max_ejection_time: Seconds = 300.0
+    # Never keep more than this share of the upstream's targets ejected by passive checks.
+    max_ejection_percent: Annotated[float, Strict(), _between(0, 100)] = 100.0
+    # Below this share of healthy weight, ignore health and spread over every target (Envoy's panic mode).
+    panic_threshold: Annotated[float, Strict(), _between(0, 100)] = 0.0
+
+
 class Healthchecks(Record):
     active: ActiveHealthcheck = Field(default_factory=ActiveHealthcheck)
     passive: PassiveHealthcheck = Field(default_factory=PassiveHealthcheck)
+    outlier: Outlier = Field(default_factory=Outlier)
     # Percent of total weight that must be available; 0 keeps the balancer healthy while any target is.
     threshold: Annotated[float, Strict(), _between(0, 100)] = 0.0
 
