@@ -29,6 +29,9 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
                         "env RINGGATE_DRAIN_TIMEOUT)")
     parser.add_argument("--health-capacity", metavar="N", help="target health blocks in shared memory "
                         "(default 4096; env RINGGATE_HEALTH_CAPACITY)")
+    parser.add_argument("--admin-token", metavar="TOKEN", help="require this token on every Admin API request "
+                        "(Authorization: Bearer or Kong-Admin-Token; prefer env RINGGATE_ADMIN_TOKEN, a flag "
+                        "shows in the process list)")
     parser.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error (default info; "
                         "env RINGGATE_LOG_LEVEL)")
 
@@ -55,7 +58,7 @@ def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = 
     """Defaults < RINGGATE_* environment < flags, as Kong does with KONG_* and kong.conf."""
     values: dict[str, Any] = from_environment(environ)
     for name in ("proxy_listen", "admin_listen", "workers", "prefix", "trusted_ips", "drain_timeout", "log_level",
-                 "health_capacity"):
+                 "health_capacity", "admin_token"):
         raw = getattr(args, name, None)
         if raw is not None:
             values[name] = coerce(name, raw)
@@ -86,6 +89,8 @@ def cmd_check(path: str) -> int:
 
 def cmd_start(settings: Settings) -> int:
     from ringgate.config import ConfigError, load_file
+    if not settings.config_file and os.path.exists(_snapshot_path(settings)):
+        return _restore(settings)
     if not settings.config_file:
         logging.getLogger("ringgate").warning("no config given (-c kong.yml): every request will get 404")
         return cmd_start_config(settings, {"_format_version": "3.0"}, "<empty>")
@@ -95,6 +100,25 @@ def cmd_start(settings: Settings) -> int:
         print(f"ringgate: {exc}", file=sys.stderr)
         return 1
     return _run(settings, config, settings.config_file)
+
+
+def _snapshot_path(settings: Settings) -> str:
+    from ringgate.config.store import snapshot_path
+    return snapshot_path(settings.prefix)
+
+
+def _restore(settings: Settings) -> int:
+    """Start without -c: the config persisted under the prefix (Admin API writes included) comes back."""
+    from ringgate.config import ConfigError
+    from ringgate.config.store import load_snapshot
+    path = _snapshot_path(settings)
+    try:
+        config = load_snapshot(settings.prefix)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"ringgate: cannot restore {path}: {exc} (start with -c kong.yml, or remove the file)", file=sys.stderr)
+        return 1
+    logging.getLogger("ringgate").info("restored config from %s (%s)", path, config.config_hash)
+    return _run(settings, config, path)
 
 
 def cmd_start_config(settings: Settings, data: dict[str, Any], label: str) -> int:

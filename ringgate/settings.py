@@ -44,6 +44,87 @@ def parse_listen(text: str, setting: str) -> ListenAddress:
     return ListenAddress(host, port)
 
 
+@dataclass(frozen=True)
+class ListenSpec:
+    """One entry of Kong's listen syntax: an address and the flags Ringgate acts on."""
+
+    address: ListenAddress
+    ssl: bool = False
+    # The master binds one socket that every worker accepts on, so the kernel already spreads
+    # connections; kept so the master can choose per-worker SO_REUSEPORT sockets instead.
+    reuseport: bool = False
+    # The listen(2) backlog; None leaves the server's default.
+    backlog: int | None = None
+
+    @property
+    def host(self) -> str:
+        return self.address.host
+
+    @property
+    def port(self) -> int:
+        return self.address.port
+
+    def __str__(self) -> str:
+        flags = ["ssl"] * self.ssl + ["reuseport"] * self.reuseport
+        if self.backlog is not None:
+            flags.append(f"backlog={self.backlog}")
+        return " ".join([str(self.address), *flags])
+
+
+# Flags Kong accepts that only tune nginx and change nothing for a client: accepted so a
+# kong.conf listen line works unchanged, then ignored.
+#  deferred        nginx's TCP_DEFER_ACCEPT (wake the accept only when data arrived): a CPU saving;
+#  bind            makes nginx bind this address on its own socket; Ringgate binds every entry itself;
+#  ipv6only=on|off nginx's IPV6_V6ONLY for "[::]"; Ringgate's IPv6 sockets are v6-only, nginx's default;
+#  so_keepalive=.. TCP keep-alive probes on client sockets; clients are bounded by Ringgate's idle timeouts.
+_IGNORED_LISTEN_FLAGS = ("deferred", "bind", "ipv6only=on", "ipv6only=off")
+_UNSUPPORTED_LISTEN_FLAGS = {
+    "http2": "HTTP/2 is not supported: Ringgate speaks HTTP/1.1 (TLS clients negotiate http/1.1 by ALPN)",
+    "proxy_protocol": "the PROXY protocol is not supported",
+}
+_LISTEN_FORM = "HOST:PORT [ssl] [reuseport] [backlog=N] [deferred] [bind], ... or off"
+
+
+def parse_listen_list(text: str, setting: str) -> tuple[ListenSpec, ...]:
+    """Parse Kong's listen syntax: "0.0.0.0:8000, 0.0.0.0:8443 ssl reuseport backlog=16384".
+
+    "off" (alone) gives no listener. http2 and proxy_protocol are refused with the reason;
+    nginx-only tuning flags are accepted and ignored; anything else is refused.
+    """
+    if text.strip() == "off":
+        return ()
+    specs: list[ListenSpec] = []
+    seen: set[tuple[str, int]] = set()
+    for entry in text.split(","):
+        words = entry.split()
+        if not words:
+            raise SettingsError(f"{setting}: empty listen entry in {text!r} (expected {_LISTEN_FORM})")
+        address = parse_listen(words[0], setting)
+        values: dict[str, Any] = {}
+        for flag in words[1:]:
+            name, equals, value = flag.partition("=")
+            if flag in ("ssl", "reuseport"):
+                values[flag] = True
+            elif name == "backlog" and equals:
+                if not value.isdigit() or int(value) < 1:
+                    raise SettingsError(f"{setting}: backlog must be a positive integer, got {flag!r}")
+                values["backlog"] = int(value)
+            elif flag in _IGNORED_LISTEN_FLAGS or (name == "so_keepalive" and equals):
+                continue
+            elif flag in _UNSUPPORTED_LISTEN_FLAGS:
+                raise SettingsError(f"{setting}: flag '{flag}' in {entry.strip()!r}: {_UNSUPPORTED_LISTEN_FLAGS[flag]}")
+            else:
+                raise SettingsError(
+                    f"{setting}: unknown flag {flag!r} in {entry.strip()!r} (expected {_LISTEN_FORM})"
+                )
+        key = (address.host, address.port)
+        if key in seen and address.port != 0:
+            raise SettingsError(f"{setting}: {address} is listed twice")
+        seen.add(key)
+        specs.append(ListenSpec(address, **values))
+    return tuple(specs)
+
+
 def parse_networks(text: str, setting: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     nets = []
     for item in (t.strip() for t in text.split(",")):
@@ -84,6 +165,8 @@ class Settings:
     log_level: str = "info"
     # Target health blocks in shared memory (128 bytes each); a block is claimed per (upstream, host, port).
     health_capacity: int = 4096
+    # When set, every Admin API request must carry it (Authorization: Bearer, or Kong-Admin-Token).
+    admin_token: str | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

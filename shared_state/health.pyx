@@ -127,6 +127,26 @@ cdef class HealthPolicy:
                 f"..{self.max_ejection_ms}ms>")
 
 
+def policy_for(checks: object) -> HealthPolicy | None:
+    """Kong's thresholds for an upstream's `healthchecks`, or None when it gets no checker.
+
+    Kong creates a checker only if an active interval or a passive unhealthy counter is non-zero.
+    """
+    active, passive, outlier = checks.active, checks.passive, checks.outlier
+    active_on = bool(active.healthy.interval or active.unhealthy.interval)
+    passive_counters = (passive.unhealthy.http_failures, passive.unhealthy.tcp_failures, passive.unhealthy.timeouts)
+    if not active_on and not any(passive_counters):
+        return None
+    return HealthPolicy(
+        active=(active.healthy.successes, active.unhealthy.http_failures, active.unhealthy.tcp_failures,
+                active.unhealthy.timeouts),
+        passive=(passive.healthy.successes, *passive_counters),
+        base_ejection_ms=int(outlier.base_ejection_time * 1000),
+        max_ejection_ms=int(outlier.max_ejection_time * 1000),
+        active_enabled=active_on,
+    )
+
+
 cdef class HealthTable:
     """Fixed-size anonymous shared mapping; create it before fork, never resize it."""
 

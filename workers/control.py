@@ -1,128 +1,156 @@
-"""The control process: the admin listener (a minimal read-only Admin API for now).
+"""The control process: the admin listener, serving the Admin API (ringgate.admin).
 
-It runs in its own process so that admin work never shares a loop with proxied
-traffic. Routes served: GET / (node info) and GET /status (Kong's shape, DB-less).
+It runs in its own process so that admin work never shares a loop with proxied traffic. This
+module is only the HTTP/1.1 side: read requests (query string, headers, body up to a cap,
+keep-alive, pipelining in order), hand each to the AdminApp, write its answer.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import os
 import signal
 import socket
-import time
-from typing import TYPE_CHECKING, Any, Callable
+import uuid
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 import httptools
 import orjson
 import uvloop
 
-from ringgate import __version__
-from ringgate.config.store import load_snapshot
+from ringgate.admin.api import AdminContext, Request, Response
+from ringgate.admin.app import AdminApp
+from ringgate.admin.state import ConfigState
+from shared_state.health import HealthTable
 from workers import http11
 from workers.child import prepare_child, report_ready
 
 if TYPE_CHECKING:
-    from ringgate.config import Config
-    from ringgate.settings import Settings
     from shared_state.arena import Arena
 
+    from ringgate.config import Config
+    from ringgate.settings import Settings
+
+log = logging.getLogger("ringgate.control")
+
 NODE_ID_FILE = "node_id"
+# Kong's admin listener refuses bodies over nginx_admin_client_max_body_size, 10m by default.
+MAX_BODY_BYTES = 10 * 1024 * 1024
+_NO_BODY_STATUSES = frozenset((204, 304))
 
 
-def _json(status: int, body: Any) -> bytes:
-    payload = orjson.dumps(body)
-    return b"".join((
-        http11.status_line(status),
-        b"Content-Type: application/json; charset=utf-8\r\n",
-        b"Content-Length: %d\r\n" % len(payload),
-        b"Server: ", http11.SERVER_TOKEN, b"\r\n",
-        b"Access-Control-Allow-Origin: *\r\n\r\n",
-        payload,
-    ))
+def encode_response(response: Response, head_only: bool, close: bool) -> bytes:
+    body = response.body
+    if response.status in _NO_BODY_STATUSES or body is None:
+        payload = b""
+    elif isinstance(body, (bytes, bytearray)):
+        payload = bytes(body)
+    else:
+        payload = orjson.dumps(body)
+    lines = [http11.status_line(response.status)]
+    if response.status not in _NO_BODY_STATUSES:
+        if payload:
+            lines.append(b"Content-Type: %s\r\n" % response.content_type.encode("latin-1"))
+        lines.append(b"Content-Length: %d\r\n" % len(payload))
+    lines += [b"Server: ", http11.SERVER_TOKEN, b"\r\n", b"Access-Control-Allow-Origin: *\r\n"]
+    for name, value in response.headers:
+        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    if not head_only:
+        lines.append(payload)
+    return b"".join(lines)
+
+
+def _error(status: int, message: str) -> bytes:
+    return encode_response(Response(status, {"message": message}), head_only=False, close=True)
 
 
 class AdminProtocol(asyncio.Protocol):
-    def __init__(self, handler: Callable[[str, str], bytes]) -> None:
-        self.handler = handler
+    """One admin connection. Requests are answered in order, one at a time (handlers are synchronous)."""
+
+    def __init__(self, app: AdminApp) -> None:
+        self.app = app
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.refused = False  # an answer that ends the connection was sent; ignore what follows
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request itself was answered; the admin API speaks nothing after an Upgrade.
+            self.refused = True
+            assert self.transport is not None
+            self.transport.close()
         except httptools.HttpParserError:
-            self.transport.write(_json(400, {"message": "Bad request"}))  # type: ignore[union-attr]
-            self.transport.close()  # type: ignore[union-attr]
+            if not self.refused:
+                self._refuse(400, "Bad request")
+
+    def _refuse(self, status: int, message: str) -> None:
+        self.refused = True
+        assert self.transport is not None
+        self.transport.write(_error(status, message))
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         self.url = b""
+        self.headers = {}
+        self.body = bytearray()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    def on_headers_complete(self) -> None:
+        length = self.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            self._refuse(413, "Payload too large")
+            return
+        if self.headers.get("expect", "").lower() == "100-continue":
+            # curl waits for this before sending a body over 1 KiB (a kong.yml to POST /config).
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self.refused:
+            return
+        self.body += body
+        if len(self.body) > MAX_BODY_BYTES:
+            self._refuse(413, "Payload too large")
+
     def on_message_complete(self) -> None:
-        method = self.parser.get_method().decode()
-        path = self.url.split(b"?", 1)[0].decode("latin-1")
-        self.transport.write(self.handler(method, path))  # type: ignore[union-attr]
-        if not self.parser.should_keep_alive():
-            self.transport.close()  # type: ignore[union-attr]
-
-
-class AdminApp:
-    def __init__(self, settings: "Settings", config: "Config", arena: "Arena") -> None:
-        self.settings = settings
-        self.config = config
-        self.arena = arena
-        self.node_id = _node_id(settings.prefix)
-        self.started = time.time()
-        self.generation = arena.generation
-
-    def _follow_reloads(self) -> None:
-        generation = self.arena.generation
-        if generation != self.generation:
-            self.generation = generation
-            self.config = load_snapshot(self.settings.prefix)
-
-    def __call__(self, method: str, path: str) -> bytes:
-        self._follow_reloads()
-        path = path.rstrip("/") or "/"
-        if method not in ("GET", "HEAD"):
-            return _json(405, {"message": "Method not allowed"})
-        if path == "/":
-            return _json(200, {
-                "tagline": "Welcome to ringgate",
-                "version": __version__,
-                "node_id": self.node_id,
-                "hostname": socket.gethostname(),
-                "configuration": {
-                    "proxy_listen": [str(self.settings.proxy_listen)],
-                    "admin_listen": [str(self.settings.admin_listen)],
-                    "database": "off",
-                    "prefix": os.path.abspath(self.settings.prefix),
-                    "nginx_worker_processes": self.settings.worker_count,
-                },
-            })
-        if path == "/status":
-            totals = self.arena.totals()
-            return _json(200, {
-                "server": {
-                    "connections_active": totals["connections_active"],
-                    "connections_accepted": totals["connections_accepted"],
-                    "total_requests": totals["requests"],
-                },
-                "configuration_hash": self.config.config_hash,
-                "configuration_generation": self.generation,
-                "memory": {"workers_lua_vms": []},
-            })
-        return _json(404, {"message": "Not found"})
+        if self.refused or self.transport is None:
+            return
+        method = self.parser.get_method().decode("latin-1")
+        target, _, query_text = self.url.decode("latin-1").partition("?")
+        query: dict[str, str] = {}
+        for name, value in parse_qsl(query_text, keep_blank_values=True):
+            query.setdefault(name, value)
+        request = Request(method, target, query, self.headers, bytes(self.body))
+        response = self.app(request)
+        close = not self.parser.should_keep_alive()
+        self.transport.write(encode_response(response, head_only=method == "HEAD", close=close))
+        if close:
+            self.transport.close()
 
 
 def _node_id(prefix: str) -> str:
-    import uuid
     path = os.path.join(prefix, NODE_ID_FILE)
     try:
         with open(path) as f:
@@ -137,12 +165,24 @@ def _node_id(prefix: str) -> str:
         return node
 
 
-def run_control(settings: "Settings", config: "Config", listen: socket.socket, arena: "Arena",
-                ready_fd: int) -> int:
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_control(settings: Settings, config: Config, listen: socket.socket, arena: Arena,
+                ready_fd: int, health: HealthTable | None = None) -> int:
     prepare_child()
+    if not settings.admin_token and not _is_loopback(settings.admin_listen.host):
+        log.warning("the Admin API listens on %s without a token: anyone who can reach it can change the "
+                    "config (set RINGGATE_ADMIN_TOKEN, or listen on 127.0.0.1)", settings.admin_listen)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    app = AdminApp(settings, config, arena)
+    state = ConfigState(settings.prefix, arena, fallback=config)
+    health = health if health is not None else HealthTable(1)
+    app = AdminApp(AdminContext(settings, state, arena, _node_id(settings.prefix), health=health))
     server = loop.run_until_complete(loop.create_server(lambda: AdminProtocol(app), sock=listen))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -153,4 +193,3 @@ def run_control(settings: "Settings", config: "Config", listen: socket.socket, a
     finally:
         loop.close()
     return 0
-

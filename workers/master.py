@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ringgate.config import ConfigError, load_file
-from ringgate.config.store import load_snapshot, save_snapshot
+from ringgate.config.store import config_lock, load_snapshot, save_snapshot
 from shared_state.arena import Arena
 from shared_state.health import HealthTable
 
@@ -105,7 +105,7 @@ class Master:
         if child.kind == "control":
             self.proxy_sock.close()
             from workers.control import run_control
-            return run_control(self.settings, config, self.admin_sock, self.arena, ready_fd)
+            return run_control(self.settings, config, self.admin_sock, self.arena, ready_fd, health=self.health)
         self.admin_sock.close()
         from workers.worker import run_worker
         return run_worker(child.slot, self.settings, config, self.proxy_sock, self.arena, ready_fd,
@@ -174,12 +174,19 @@ class Master:
         except ConfigError as exc:
             log.error("reload refused, the running config stays: %s", exc)
             return
-        if config.config_hash == self.config.config_hash:
-            log.info("reload: %s is unchanged (%s)", path, config.config_hash)
-            return
-        save_snapshot(self.settings.prefix, config)
+        # The snapshot is the truth (Admin API writes change it too); the lock orders this
+        # write against theirs. As in Kong, the -c file replaces whatever the Admin API did.
+        with config_lock(self.settings.prefix):
+            try:
+                unchanged = config.config_hash == load_snapshot(self.settings.prefix).config_hash
+            except (OSError, ConfigError):
+                unchanged = False
+            if unchanged:
+                log.info("reload: %s is unchanged (%s)", path, config.config_hash)
+                return
+            save_snapshot(self.settings.prefix, config)
+            generation = self.arena.bump_generation()
         self.config = config  # children started from now on begin with it
-        generation = self.arena.bump_generation()
         log.info("reloaded %s (%s), generation %d", path, config.config_hash, generation)
 
     def _next_respawn_delay(self) -> float:

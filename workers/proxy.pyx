@@ -1084,7 +1084,7 @@ cdef class Exchange:
         upstream = self.upstream
         if upstream is not None:
             self.balancer = upstream.balancer
-            self.health_checked = upstream.health_policy is not None
+            self.health_checked = len(upstream.health_slots) > 0
             self.passive_status = upstream.passive_status
         self.ctx = client.ctx
         self.loop = client.loop

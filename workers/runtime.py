@@ -13,6 +13,7 @@ from fastpath.balancer import Balancer
 from fastpath.router import RouteSpec, Router
 from shared_state import health_rules
 from shared_state.health import HealthPolicy, HealthTable
+from shared_state.health import policy_for as health_policy
 from workers.resolver import Resolver
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ class UpstreamRuntime:
     __slots__ = ("name", "balancer", "targets", "target_ips", "host_header", "hash_on", "hash_on_key",
                  "observe_latency", "hash_fallback", "hash_fallback_key", "hash_cookie_path",
                  "health_slots", "health_policy", "passive_status", "next_trial_ms", "health_mode",
-                 "outlier", "threshold")
+                 "outlier", "threshold", "checker")
 
     def __init__(self, upstream: Any, health: HealthTable | None = None) -> None:
         self.name: str = upstream.name
@@ -44,15 +45,19 @@ class UpstreamRuntime:
         self.hash_cookie_path: str = upstream.hash_on_cookie_path or "/"
         # Health: the shared block of each target (by identity, so it survives reloads), the
         # thresholds, and for passive checks a status -> verdict table (0 ignore, 1 success, 2 failure).
+        # Every upstream gets its blocks, checker or not: the Admin API can set a target unhealthy
+        # by hand, as in Kong (`checker` says whether Kong would run health checks for it).
         checks = upstream.healthchecks
-        self.health_policy: HealthPolicy | None = health_policy(checks)
+        policy = health_policy(checks)
+        self.checker: bool = policy is not None
+        self.health_policy: HealthPolicy = policy if policy is not None else HealthPolicy()
         self.outlier = checks.outlier
         self.threshold: float = checks.threshold
         self.health_slots: tuple[int, ...] = ()
         self.passive_status: bytes | None = None
         self.next_trial_ms: int = 0
         self.health_mode: str = "normal"
-        if health is not None and self.health_policy is not None:
+        if health is not None:
             self.health_slots = tuple(health.slot_for(self.name, host, port) for host, port, _ in self.targets)
             for (host, port, _), slot in zip(self.targets, self.health_slots):
                 if slot < 0:
@@ -102,27 +107,6 @@ _MODE_MESSAGES = {
     "panic": "panic mode: too few healthy targets, traffic is spread over all of them",
     "unhealthy": "unhealthy: available weight at or below healthchecks.threshold, requests get 503",
 }
-
-
-def health_policy(checks: Any) -> HealthPolicy | None:
-    """Kong's thresholds for an upstream, or None when it has no health checker at all.
-
-    Kong creates a checker only if an active interval or a passive unhealthy counter is non-zero.
-    """
-    active, passive = checks.active, checks.passive
-    active_on = bool(active.healthy.interval or active.unhealthy.interval)
-    passive_counters = (passive.unhealthy.http_failures, passive.unhealthy.tcp_failures, passive.unhealthy.timeouts)
-    if not active_on and not any(passive_counters):
-        return None
-    outlier = checks.outlier
-    return HealthPolicy(
-        active=(active.healthy.successes, active.unhealthy.http_failures, active.unhealthy.tcp_failures,
-                active.unhealthy.timeouts),
-        passive=(passive.healthy.successes, *passive_counters),
-        base_ejection_ms=int(outlier.base_ejection_time * 1000),
-        max_ejection_ms=int(outlier.max_ejection_time * 1000),
-        active_enabled=active_on,
-    )
 
 
 def _status_verdicts(passive: Any) -> bytes:

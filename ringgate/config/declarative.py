@@ -24,10 +24,13 @@ from ringgate.config.schema import (
     CANONICAL_FORMAT_VERSION,
     FORMAT_VERSIONS,
     LEGACY_FORMAT_VERSIONS,
+    CACertificate,
+    Certificate,
     Entity,
     FieldPath,
     Plugin,
     Route,
+    ServerName,
     Service,
     Target,
     Upstream,
@@ -40,9 +43,13 @@ try:
 except AttributeError:  # PyYAML built without libyaml
     _YamlLoader = yaml.SafeLoader
 
-ENTITY_COLLECTIONS: Final = ("services", "routes", "upstreams", "targets", "plugins")
+ENTITY_COLLECTIONS: Final = (
+    "services", "routes", "upstreams", "targets", "plugins", "certificates", "ca_certificates", "snis",
+)  # fmt: skip
+# Left out of to_dict when empty, so configs without them keep the hash they had before TLS.
+_OPTIONAL_COLLECTIONS: Final = ("certificates", "ca_certificates", "snis")
 # Accepted and kept (in to_dict and the hash) but not interpreted yet.
-OPAQUE_COLLECTIONS: Final = ("consumers", "certificates", "ca_certificates", "snis")
+OPAQUE_COLLECTIONS: Final = ("consumers",)
 _META_TYPES: Final = {
     "_transform": (bool, "expected a boolean"),
     "_comment": (str, "expected a string"),
@@ -51,17 +58,23 @@ _META_TYPES: Final = {
 
 _MODELS: Final[dict[str, type[Entity]]] = {
     "services": Service, "routes": Route, "upstreams": Upstream, "targets": Target, "plugins": Plugin,
+    "certificates": Certificate, "ca_certificates": CACertificate, "snis": ServerName,
 }  # fmt: skip
 # Children that may be nested under a parent, and the parent's FK field they get.
-_CHILDREN: Final = {"services": ("routes", "plugins"), "routes": ("plugins",), "upstreams": ("targets",)}
-_PARENT_FIELD: Final = {"services": "service", "routes": "route", "upstreams": "upstream"}
+_CHILDREN: Final = {
+    "services": ("routes", "plugins"), "routes": ("plugins",), "upstreams": ("targets",), "certificates": ("snis",),
+}  # fmt: skip
+_PARENT_FIELD: Final = {"services": "service", "routes": "route", "upstreams": "upstream", "certificates": "certificate"}
 # Foreign fields a top-level entry names by endpoint key (name) or id.
 _REFERENCES: Final = {
+    "services": (("client_certificate", "certificates"),),
     "routes": (("service", "services"),),
     "plugins": (("service", "services"), ("route", "routes")),
     "targets": (("upstream", "upstreams"),),
+    "upstreams": (("client_certificate", "certificates"),),
+    "snis": (("certificate", "certificates"),),
 }
-_NAMED: Final = ("services", "routes", "upstreams")
+_NAMED: Final = ("services", "routes", "upstreams", "snis")
 
 # Kong's namespace for declarative ids: uuid5(uuid5(this, entity type), endpoint key).
 _KONG_ID_NAMESPACE: Final = uuid.UUID("fd02801f-0957-4a15-a55a-c8d9606f30b5")
@@ -85,9 +98,9 @@ class Config:
     upstreams: tuple[Upstream, ...]
     plugins: tuple[Plugin, ...]
     consumers: tuple[dict[str, Any], ...] = ()
-    certificates: tuple[dict[str, Any], ...] = ()
-    ca_certificates: tuple[dict[str, Any], ...] = ()
-    snis: tuple[dict[str, Any], ...] = ()
+    certificates: tuple[Certificate, ...] = ()
+    ca_certificates: tuple[CACertificate, ...] = ()
+    snis: tuple[ServerName, ...] = ()
     config_hash: str = field(init=False)
     _services_by_id: dict[str, Service] = field(init=False, repr=False)
     _upstreams_by_name: dict[str, Upstream] = field(init=False, repr=False)
@@ -126,6 +139,10 @@ class Config:
             "targets": [target.model_dump(mode="json") for target in self.targets],
             "plugins": [plugin.model_dump(mode="json") for plugin in self.plugins],
         }
+        for name in _OPTIONAL_COLLECTIONS:
+            models: tuple[Entity, ...] = getattr(self, name)
+            if models:
+                document[name] = [model.model_dump(mode="json") for model in models]
         for name in OPAQUE_COLLECTIONS:
             entries = getattr(self, name)
             if entries:
@@ -234,8 +251,9 @@ class _Loader:
             self.opaque[name] = self._opaque(name, document.get(name))
         if version in LEGACY_FORMAT_VERSIONS:
             self._migrate_paths()
-        self._assign_ids(("services", "upstreams", "routes"))
+        self._assign_ids(("services", "upstreams", "routes", "certificates", "ca_certificates", "snis"))
         self._resolve_references()
+        self._label_certificates()
         self._assign_ids(("targets", "plugins"))
         self._validate()
         self._check_uniqueness()
@@ -279,6 +297,8 @@ class _Loader:
         return tuple(kept)
 
     def _collect(self, collection: str, index: int, item: Any, parent: _Entry | None, above: tuple[Level, ...]) -> None:
+        if collection == "snis" and parent is not None and isinstance(item, str):
+            item = {"name": item}  # Kong's Admin API shorthand: certificates[].snis as plain names
         levels = above + (Level(collection, index, _label(collection, item)),)
         if not isinstance(item, dict):
             self.fail("expected a record", EntityRef(collection, levels, item))
@@ -349,9 +369,9 @@ class _Loader:
 
     def _resolve_references(self) -> None:
         by_key: dict[str, dict[str, str]] = {}
-        for collection in _NAMED:
+        for collection in {target for references in _REFERENCES.values() for _, target in references}:
             keys: dict[str, str] = {}
-            for entry in self.entries[collection]:
+            for entry in self.entries[collection] if collection in _NAMED else ():
                 name = entry.data.get("name")
                 if isinstance(name, str):
                     keys.setdefault(name, entry.id)
@@ -376,6 +396,25 @@ class _Loader:
                     self.fail("consumer-scoped plugins are not supported by Ringgate yet", entry.ref, ("consumer",))
                     entry.data["consumer"] = None
                     entry.broken_fields.add("consumer")
+
+    def _label_certificates(self) -> None:
+        """Name certificates in messages by their SNIs (nested and top-level) and the id the user gave."""
+        names: dict[str, dict[str, None]] = {}
+        for sni in self.entries["snis"]:
+            name, certificate = sni.data.get("name"), sni.data.get("certificate")
+            if isinstance(name, str) and isinstance(certificate, str):
+                names.setdefault(certificate, {})[f"'{name}'"] = None  # a dict keeps order and drops repeats
+        for entry in self.entries["certificates"]:
+            parts = [f"id '{entry.id}'"] if isinstance(entry.data.get("id"), str) else []
+            if entry.id in names:
+                parts.append("snis " + ", ".join(names[entry.id]))
+            if parts:
+                level = entry.ref.levels[-1]
+                entry.ref.levels = entry.ref.levels[:-1] + (Level(level.collection, level.index, ", ".join(parts)),)
+        for sni in self.entries["snis"]:
+            if sni.parent is not None:  # nested: show the parent as labelled above
+                above = sni.parent.ref.levels
+                sni.ref.levels = above + sni.ref.levels[len(above) :]
 
     def _resolve(self, entry: _Entry, field_name: str, value: Any, target: str, keys: dict[str, str]) -> str | None:
         key: Any = value
@@ -434,6 +473,12 @@ class _Loader:
                     if name in names:
                         self._duplicate(entry, _unique_message(collection, "name", name))
                     names.add(name)
+        digests: set[str] = set()
+        for entry in self.entries["ca_certificates"]:
+            if isinstance(entry.model, CACertificate) and entry.model.cert_digest is not None:
+                if entry.model.cert_digest in digests:
+                    self._duplicate(entry, _unique_message("ca_certificates", "cert_digest", entry.model.cert_digest))
+                digests.add(entry.model.cert_digest)
         pairs: set[tuple[Any, str]] = set()
         for entry in self.entries["targets"]:
             target = entry.model.target if isinstance(entry.model, Target) else entry.data.get("target")
@@ -481,6 +526,9 @@ class _Loader:
             routes=tuple(self._models("routes", Route)),
             upstreams=upstreams,
             plugins=tuple(self._models("plugins", Plugin)),
+            certificates=tuple(self._models("certificates", Certificate)),
+            ca_certificates=tuple(self._models("ca_certificates", CACertificate)),
+            snis=tuple(self._models("snis", ServerName)),
             **self.opaque,
         )
 

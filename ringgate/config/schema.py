@@ -264,6 +264,23 @@ def _check_sni(host: str) -> str | None:
     return "must not have a port" if parsed.port is not None else None
 
 
+def _check_wildcard_host(host: str) -> str | None:
+    """typedefs.wildcard_host: an SNI name, optionally with one leading or trailing "*" (not an IP, no port)."""
+    star = host.find("*")
+    if star != -1:
+        if star not in (0, len(host) - 1):
+            return "wildcard must be leftmost or rightmost character"
+        if host.count("*") > 1:
+            return "only one wildcard must be specified"
+    try:
+        parsed = parse_host_port(host.replace("*", "wildcard"))
+    except ValueError as exc:
+        return "must not have a port" if str(exc) == "invalid port number" else f"invalid value: {host}"
+    if parsed.kind != "name":
+        return "must not be an IP"
+    return "must not have a port" if parsed.port is not None else None
+
+
 def _check_route_host(host: str) -> str | None:
     if host.count("*") > 1:
         return "invalid wildcard: must have at most one wildcard"
@@ -360,6 +377,7 @@ Tags = tuple[Tag, ...]
 HeaderName = Annotated[str, Strict(), _checked(_check_header_name)]
 Path = Annotated[str, Strict(), _checked(_check_path)]
 Sni = Annotated[str, Strict(), _checked(_check_sni)]
+WildcardSni = Annotated[str, Strict(), _checked(_check_wildcard_host)]
 NonEmptyStr = Annotated[str, Strict(), _checked(_check_not_empty)]
 
 
@@ -515,7 +533,8 @@ class Route(Entity):
     hosts: tuple[Annotated[str, Strict(), _checked(_check_route_host)], ...] | None = None
     paths: tuple[Annotated[str, Strict(), _checked(_check_route_path)], ...] | None = None
     headers: HeaderMap | None = None
-    snis: tuple[Sni, ...] | None = None
+    # Kong's traditional_compatible router accepts wildcard SNIs ("*.a.com", "a.*") here.
+    snis: tuple[WildcardSni, ...] | None = None
     sources: tuple[dict[Str, Any], ...] | None = None
     destinations: tuple[dict[Str, Any], ...] | None = None
     # Kong strips the matched prefix before proxying unless told otherwise.
@@ -741,6 +760,64 @@ class Plugin(Entity):
     route: UUIDStr | None = None
     # Consumers are not implemented yet, so a consumer-scoped plugin cannot be honoured.
     consumer: None = None
+
+
+# PEM text; the checks on its content live in ringgate.tls and need cryptography, imported on
+# first use so that a config without certificates does not pay for them.
+Pem = Annotated[str, Strict(), _checked(_check_not_empty)]
+
+
+class Certificate(Entity):
+    """A server certificate (chain, leaf first) and its key; `cert_alt`/`key_alt` add a second key type."""
+
+    cert: Pem
+    key: Pem
+    cert_alt: Pem | None = None
+    key_alt: Pem | None = None
+
+    @model_validator(mode="after")
+    def _entity_checks(self) -> Certificate:
+        from ringgate.tls import certificate_problems
+
+        problems: list[tuple[FieldPath, str]] = []
+        if (self.cert_alt is None) != (self.key_alt is None):
+            problems.append(((), "all or none of these fields must be set: 'cert_alt', 'key_alt'"))
+        problems += certificate_problems(self.cert, self.key, self.cert_alt, self.key_alt)
+        if problems:
+            raise entity_errors(problems)
+        return self
+
+
+class ServerName(Entity):
+    """Kong's `snis` entity: a server name (exact, "*.a.com", "a.*" or "*") served with a certificate."""
+
+    name: WildcardSni
+    certificate: UUIDStr
+
+    @model_validator(mode="before")
+    @classmethod
+    def _certificate_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "certificate" in data:
+            data = {**data, "certificate": _certificate_reference(data["certificate"])}
+        return data
+
+
+class CACertificate(Entity):
+    """A trusted CA for upstream verification; `cert_digest` is always recomputed from `cert`, as Kong does."""
+
+    cert: Pem
+    cert_digest: Str | None = None
+
+    @model_validator(mode="after")
+    def _entity_checks(self) -> CACertificate:
+        from ringgate.tls import ca_certificate_digest, ca_certificate_problems
+
+        problems = ca_certificate_problems(self.cert)
+        if problems:
+            raise entity_errors(problems)
+        # Kong's on-write transformation: the digest is derived from the certificate, whatever the input said.
+        object.__setattr__(self, "cert_digest", ca_certificate_digest(self.cert))
+        return self
 
 
 def plugin_config_model(name: str) -> type[BaseModel] | None:

@@ -4,16 +4,23 @@ The master writes a new snapshot only after it validated it, then bumps the aren
 generation; workers and the control process notice the new generation and load the
 snapshot. A crash in the middle of a write leaves the previous snapshot in place
 (write to a temporary file, fsync, rename, fsync the directory).
+
+Every writer (the master's SIGHUP reload, the control process's Admin API) does its
+read-check-write-publish step under `config_lock`, so two writers never interleave.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import orjson
 
 from ringgate.config.declarative import Config, load_dict
 
 SNAPSHOT_FILE = "config.json"
+LOCK_FILE = "config.lock"
 
 
 def snapshot_path(prefix: str) -> str:
@@ -24,7 +31,8 @@ def save_snapshot(prefix: str, config: Config) -> str:
     path = snapshot_path(prefix)
     tmp = f"{path}.{os.getpid()}.tmp"
     data = orjson.dumps(config.to_dict(), option=orjson.OPT_INDENT_2)
-    with open(tmp, "wb") as f:
+    # 0600: the snapshot holds private keys of the configured certificates.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -38,6 +46,24 @@ def save_snapshot(prefix: str, config: Config) -> str:
 
 
 def load_snapshot(prefix: str) -> Config:
+    """The running config. It was validated when written, so a certificate that expired since
+    is loaded (with a warning) instead of failing a worker's restart and crash-looping the node."""
+    from ringgate.tls import validity_unchecked
     path = snapshot_path(prefix)
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, validity_unchecked():
         return load_dict(orjson.loads(f.read()), path)
+
+
+@contextmanager
+def config_lock(prefix: str) -> Iterator[None]:
+    """Exclusive, cross-process lock for changing the snapshot (blocking; not re-entrant).
+
+    flock on `<prefix>/config.lock`: the kernel releases it when the holder's file is closed,
+    including when the holder dies, so a killed writer never leaves the config locked.
+    """
+    fd = os.open(os.path.join(prefix, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

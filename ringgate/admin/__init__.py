@@ -1,0 +1,1 @@
+"""Ringgate's Kong-compatible Admin API: entity CRUD, declarative /config, node info and status."""
