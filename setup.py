@@ -18,6 +18,8 @@ extensions = [
     Extension("fastpath.router", ["fastpath/router.pyx"], define_macros=MACROS),
     Extension("fastpath.balancer", ["fastpath/balancer.pyx"], define_macros=MACROS),
     Extension("shared_state.arena", ["shared_state/arena.pyx"], define_macros=MACROS),
+    Extension("shared_state.shdict", ["shared_state/shdict.pyx"], define_macros=MACROS),
+    Extension("shared_state.series", ["shared_state/series.pyx"], define_macros=MACROS),
     Extension("shared_state.health", ["shared_state/health.pyx"], define_macros=MACROS),
     Extension("workers.proxy", ["workers/proxy.pyx"], define_macros=MACROS),
 ]

@@ -23,6 +23,7 @@ cdef class RouteSpec:
     cdef readonly str path_handling
     cdef readonly object service_path
     cdef readonly tuple protocols
+    cdef readonly tuple snis
     cdef readonly object payload
 
     cdef tuple _path_regexes      # per path: compiled pattern, or None for a prefix
@@ -32,6 +33,11 @@ cdef class RouteSpec:
     cdef bint _plain_hosts_only
     cdef str _upstream_base       # service_path or "/"
     cdef bint _v1
+    # snis (lowercased, trailing dot dropped): exact names, "*.a.com" as ".a.com", "a.*" as "a."
+    cdef bint _has_snis
+    cdef frozenset _sni_exact
+    cdef tuple _sni_suffixes
+    cdef tuple _sni_prefixes
 
 
 cdef class _HeaderRule:
@@ -89,6 +95,7 @@ cdef class RouteMatch:
     cdef _Entry _best
     cdef Py_ssize_t _best_rank
     cdef object _best_regex_match
+    cdef object _sni             # the client's SNI over TLS ("" if none), None for plain http
 
 
 @cython.final
@@ -103,6 +110,7 @@ cdef class Router:
     cdef _Bucket _hostless
     cdef bint _has_ports
 
-    cpdef RouteMatch match(self, str method, str host, str raw_path, object headers, int listen_port)
+    cpdef RouteMatch match(self, str method, str host, str raw_path, object headers, int listen_port,
+                           object sni=*)
     cdef int _probe(self, _HostTable table, str key, object port, RouteMatch res,
                     str method, str path, object headers) except -1

@@ -2,8 +2,8 @@
 """Route matching with Kong's `traditional_compatible` semantics.
 
 A Router is built once per config from RouteSpec objects and then only read:
-`Router.match(method, host, raw_path, headers, listen_port)` normalizes the
-path the way Kong does, finds the highest-priority route that matches, and
+`Router.match(method, host, raw_path, headers, listen_port, sni)` normalizes
+the path the way Kong does, finds the highest-priority route that matches, and
 computes the upstream path. The module does no I/O and imports nothing from
 the rest of Ringgate.
 
@@ -499,7 +499,7 @@ cdef class RouteSpec:
                  headers: "Mapping[str, Sequence[str]] | None" = None, regex_priority: int = 0,
                  strip_path: bool = True, preserve_host: bool = False, path_handling: str = "v0",
                  service_path: str | None = None, protocols: "Sequence[str]" = ("http", "https"),
-                 payload: object = None) -> None:
+                 payload: object = None, snis: "Sequence[str] | None" = None) -> None:
         self.id = id
         self.name = name
         self.hosts = _optional_tuple(hosts, "hosts")
@@ -511,7 +511,9 @@ cdef class RouteSpec:
         self.path_handling = path_handling
         self.service_path = service_path
         self.protocols = tuple(protocols)
+        self.snis = _optional_tuple(snis, "snis")
         self.payload = payload
+        _compile_snis(self)
 
         if path_handling != u"v0" and path_handling != u"v1":
             raise RouterError(f"path_handling must be 'v0' or 'v1', got '{path_handling}'")
@@ -546,6 +548,29 @@ cdef class RouteSpec:
 
     def __repr__(self) -> str:
         return f"RouteSpec(id={self.id!r}, name={self.name!r})"
+
+
+cdef void _compile_snis(RouteSpec spec) except *:
+    # Kong's compat router: "*.a.com" is a suffix match on ".a.com" (any depth), "a.*" a prefix
+    # match on "a.", anything else exact; a trailing dot is dropped (FQDN form).
+    cdef list exact = [], suffixes = [], prefixes = []
+    spec._has_snis = spec.snis is not None
+    for name in spec.snis or ():
+        if not isinstance(name, str):
+            raise TypeError(f"snis must be str, got {type(name).__name__}")
+        name = name.lower()
+        if name.endswith(u".*"):
+            prefixes.append(name[:len(name) - 1])
+            continue
+        if len(name) > 1 and name.endswith(u"."):
+            name = name[:len(name) - 1]
+        if name.startswith(u"*"):
+            suffixes.append(name[1:])
+        else:
+            exact.append(name)
+    spec._sni_exact = frozenset(exact)
+    spec._sni_suffixes = tuple(suffixes)
+    spec._sni_prefixes = tuple(prefixes)
 
 
 cdef tuple _header_values(object name, object values):
@@ -596,7 +621,7 @@ cdef _Entry _make_entry(RouteSpec spec, object path, object regex):
         entry.regex_match = None
         entry.prefix = path
     cdef int n_fields = ((spec.methods is not None) + (spec.hosts is not None)
-                         + (spec.headers is not None) + (spec.paths is not None))
+                         + (spec.headers is not None) + (spec.paths is not None) + spec._has_snis)
     # Kong compat's 64-bit priority, kept as a tuple so nothing overflows
     entry.priority = (
         n_fields,
@@ -725,9 +750,23 @@ cdef int _headers_match(tuple rules, object headers) except -1:
     return 1
 
 
+cdef bint _sni_matches(RouteSpec spec, object sni) except -1:
+    cdef str name = <str>sni
+    cdef str part
+    if name in spec._sni_exact:
+        return True
+    for part in spec._sni_suffixes:
+        if len(name) > len(part) and name.endswith(part):
+            return True
+    for part in spec._sni_prefixes:
+        if len(name) > len(part) and name.startswith(part):
+            return True
+    return False
+
+
 cdef inline int _scan(tuple entries, RouteMatch res, str method, object regex_path, object headers) except -1:
-    """Take the first entry of a rank-sorted list that beats res and passes methods, headers and,
-    for regex entries (regex_path given), the regex."""
+    """Take the first entry of a rank-sorted list that beats res and passes methods, snis, headers
+    and, for regex entries (regex_path given), the regex."""
     cdef Py_ssize_t i
     cdef _Entry entry
     cdef object m = None
@@ -736,6 +775,9 @@ cdef inline int _scan(tuple entries, RouteMatch res, str method, object regex_pa
         if entry.rank >= res._best_rank:
             return 0
         if entry.methods is not None and method not in entry.methods:
+            continue
+        # Kong: snis are ignored for plain http (res._sni None); over TLS the client's SNI must match.
+        if entry.spec._has_snis and res._sni is not None and not _sni_matches(entry.spec, res._sni):
             continue
         if entry.header_rules is not None and not _headers_match(entry.header_rules, headers):
             continue
@@ -929,18 +971,25 @@ cdef class Router:
                     _scan_bucket(<_Bucket>found, res, method, path, headers)
         return 0
 
-    cpdef RouteMatch match(self, str method, str host, str raw_path, object headers, int listen_port):
+    cpdef RouteMatch match(self, str method, str host, str raw_path, object headers, int listen_port,
+                           object sni=None):
         """Best route for a request, or None.
 
         host is the Host header as received ("" when missing); raw_path has no
         query string and is normalized here (ValueError propagates). headers maps
         lowercased names to str values (or lists of them for repeated headers).
+        sni is None for a plain-http request (routes' snis are then ignored, as in
+        Kong), else the lowercased server name the TLS client sent, "" for none.
         """
         cdef str path = _normalize(raw_path)
         if self._n_entries == 0:
             return None
         cdef RouteMatch res = RouteMatch.__new__(RouteMatch)
         res._best_rank = self._n_entries
+        if sni is not None:
+            if not isinstance(sni, str):
+                raise TypeError(f"sni must be str or None, got {type(sni).__name__}")
+            res._sni = sni
         cdef object port = listen_port if self._has_ports else None
         cdef str hostname
         cdef Py_ssize_t i, n

@@ -5,7 +5,10 @@ One run starts an nginx origin, an nginx proxy and a Ringgate gateway (1,000 pre
 measures every target with wrk at two body sizes, prints a markdown table with ratios to nginx,
 saves JSON under loadtest/results/, and stops every process it started, by PID.
 
-    python3 loadtest/bench.py [--duration 10] [--connections 50] [--workers 1] [--quick]
+    python3 loadtest/bench.py [--duration 10] [--connections 50] [--workers 1] [--quick] [--tls]
+
+--tls adds two targets: nginx and Ringgate terminating TLS (same certificate, made for the run) with
+wrk over https and keep-alive, next to the plain ones in the same rounds and the same table.
 
 CPU pinning (taskset): both proxies on CPU 0; the origin and wrk on CPU 1. See loadtest/README.md.
 """
@@ -21,6 +24,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,7 +44,18 @@ sys.path.insert(0, str(LOADTEST_DIR))
 import gen_config  # noqa: E402  (sibling module; the path entry above makes it importable)
 
 TARGETS: tuple[str, ...] = ("origin", "nginx", "ringgate")
-TARGET_TITLES = {"origin": "origin (direct)", "nginx": "nginx proxy", "ringgate": "ringgate"}
+# With --tls: the same proxies on a second, TLS port; each TLS row is compared with nginx's TLS row.
+TLS_TARGETS: dict[str, str] = {"nginx-tls": "nginx", "ringgate-tls": "ringgate"}
+TARGET_TITLES = {"origin": "origin (direct)", "nginx": "nginx proxy", "ringgate": "ringgate",
+                 "nginx-tls": "nginx proxy, TLS", "ringgate-tls": "ringgate, TLS"}
+TLS_SERVER_NAME = "bench.ringgate.test"
+# Mozilla "intermediate" TLS 1.2 ciphers, the list Ringgate's listeners use (ringgate/tls.py).
+TLS_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+))  # fmt: skip
 RINGGATE_READY_PREFIX = "ringgate: ready"
 WRK_SOCKET_TIMEOUT = "5s"
 STOP_GRACE_SECONDS = 15.0
@@ -253,8 +268,16 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text.splitlines()[-lines:]) or "    (log is empty)"
 
 
-def fetch(port: int, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def fetch(port: int, path: str, timeout: float = 3.0, tls: bool = False) -> tuple[int, bytes]:
+    connection: http.client.HTTPConnection
+    if tls:
+        # The run's own self-signed certificate: checked by its bytes (check_tls_certificate), not a CA.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
+    else:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request("GET", path)
         response = connection.getresponse()
@@ -300,6 +323,74 @@ def wait_until_serving(server: Server, path: str, expected: bytes, timeout: floa
         f"{server.name} did not come up on 127.0.0.1:{server.port} within {timeout:.0f} s: {last_problem}.\n"
         f"command: {shlex.join(server.argv)}\nlog {server.log_path}:\n{log_tail(server.log_path)}"
     )
+
+
+def check_tls_serving(name: str, port: int, path: str, expected: bytes, certificate_der: bytes) -> None:
+    """A TLS target must answer `path` with exactly `expected`, presenting the run's certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        status, body = fetch(port, path, tls=True)
+        with (socket.create_connection(("127.0.0.1", port), timeout=3) as raw,
+              context.wrap_socket(raw, server_hostname=TLS_SERVER_NAME) as tls):
+            presented = tls.getpeercert(binary_form=True)
+    except OSError as error:
+        raise BenchError(f"{name} on 127.0.0.1:{port} (TLS): GET {path}: {error}") from None
+    if status != 200 or body != expected:
+        raise BenchError(f"{name} on 127.0.0.1:{port} (TLS): GET {path} answered {status} with {len(body)} bytes")
+    if presented != certificate_der:
+        raise BenchError(f"{name} on 127.0.0.1:{port} (TLS) presents another certificate than the run's")
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed EC P-256 certificate for the run (what Ringgate generates for its default one)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_SERVER_NAME)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_SERVER_NAME)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "bench.crt", directory / "bench.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.chmod(0o644)
+    return cert_path, key_path
+
+
+def nginx_with_tls(conf: str, port: int, tls_port: int, cert_path: Path, key_path: Path) -> str:
+    """The proxy's config with a second, TLS listener in the same server block (same routes)."""
+    listen = f"listen 127.0.0.1:{port};"
+    if conf.count(listen) != 1:
+        raise BenchError(f"the nginx proxy config has no single {listen!r} line to add a TLS listener next to")
+    tls = "\n        ".join((
+        listen,
+        f"listen 127.0.0.1:{tls_port} ssl;",
+        f"ssl_certificate {cert_path};",
+        f"ssl_certificate_key {key_path};",
+        "ssl_protocols TLSv1.2 TLSv1.3;",
+        f"ssl_ciphers {TLS_CIPHERS};",
+    ))
+    return conf.replace(listen, tls)
+
+
+def ringgate_config_with_tls(kong_yml: str, cert_path: Path, key_path: Path) -> str:
+    """The kong.yml with the run's certificate for every server name (Kong's catch-all SNI "*")."""
+    import yaml
+
+    config = yaml.safe_load(kong_yml)
+    config["certificates"] = [{"cert": cert_path.read_text(), "key": key_path.read_text(), "snis": [{"name": "*"}]}]
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def origin_counters(port: int) -> tuple[int, int]:
@@ -527,10 +618,15 @@ def median_case(runs: list[CaseResult]) -> CaseResult:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def baseline_of(target: str) -> str:
+    """The nginx row a target is compared with: nginx's TLS row for TLS targets."""
+    return "nginx-tls" if target in TLS_TARGETS else "nginx"
+
+
 def add_ratios(cases: list[CaseResult]) -> None:
-    baseline = {case.size: case.result for case in cases if case.target == "nginx"}
+    baseline = {(case.size, case.target): case.result for case in cases if case.target in ("nginx", "nginx-tls")}
     for case in cases:
-        nginx = baseline.get(case.size)
+        nginx = baseline.get((case.size, baseline_of(case.target)))
         if nginx is None:
             continue
         case.rps_ratio_to_nginx = case.result.requests_per_sec / nginx.requests_per_sec
@@ -543,6 +639,11 @@ def background_line(busy: dict[str, float], settings: dict[str, object]) -> str:
     if max(busy.values()) > NOISY_CPU_BUSY:
         line += " (**not idle: other work shares these CPUs, so the numbers are noisy**)"
     return line
+
+
+TLS_NOTE = ("- TLS rows: wrk over https with keep-alive (one handshake per connection), both proxies on a second "
+            "port with the same self-signed EC P-256 certificate, TLS 1.2/1.3, the same cipher list; "
+            "compared with nginx's TLS row")
 
 
 def markdown_report(
@@ -567,6 +668,7 @@ def markdown_report(
         "ringgate/nginx req/s per round: "
         + "; ".join(f"{size} " + ", ".join(f"{ratio:.2f}" for ratio in ratios)
                     for size, ratios in meta["round_ratios"].items()),  # type: ignore[union-attr]
+        *([TLS_NOTE] if settings.get("tls") else []),
         "",
         "| target | size | req/s | p50 | p99 | req/s ratio to nginx | p99 ratio to nginx | errors "
         "| CPU busy (proxy / load) | origin conns opened |",
@@ -608,6 +710,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-cpus", default="1", help="taskset CPU list for the origin and wrk (default 1)")
     parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds for a server to come up")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) after success")
+    parser.add_argument("--tls", action="store_true",
+                        help="also measure nginx and ringgate terminating TLS (https, keep-alive), same certificate")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
@@ -615,6 +719,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.target_list) - set(TARGETS)
     if unknown or not args.target_list:
         parser.error(f"--targets takes names from {', '.join(TARGETS)}")
+    if args.tls:
+        args.target_list += [tls for tls, plain in TLS_TARGETS.items() if plain in args.target_list]
     if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.workers < 1 or args.rounds < 1:
         parser.error("--duration and --connections and --workers must be positive, --warmup non-negative")
     for option in ("proxy_cpus", "load_cpus"):
@@ -659,9 +765,16 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
     background_busy = {"proxy": busy_fraction(idle_before[0], cpu_jiffies(proxy_cpus)),
                        "load": busy_fraction(idle_before[1], cpu_jiffies(load_cpus))}
     routes = gen_config.build_route_set(args.routes)
-    origin_port, nginx_port, ringgate_port, admin_port = free_ports(4)
-    ports = {"origin": origin_port, "nginx": nginx_port, "ringgate": ringgate_port}
+    origin_port, nginx_port, ringgate_port, admin_port, nginx_tls_port, ringgate_tls_port = free_ports(6)
+    ports = {"origin": origin_port, "nginx": nginx_port, "ringgate": ringgate_port,
+             "nginx-tls": nginx_tls_port, "ringgate-tls": ringgate_tls_port}
     proxied_prefix = routes.target_prefix.rstrip("/")
+    tls = any(name in TLS_TARGETS for name in targets)
+    if tls:
+        tls_dir = work_dir / "tls"
+        tls_dir.mkdir(mode=0o755)
+        cert_path, key_path = make_certificate(tls_dir)
+        certificate_der = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
 
     def request_path(target: str, size: BodySize) -> str:
         # Through a proxy, the route prefix is stripped again before the request reaches the origin.
@@ -685,15 +798,22 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
         proxy_dir = work_dir / "nginx-proxy"
         proxy_dir.mkdir(mode=0o755)
         proxy_conf = gen_config.nginx_proxy_conf(proxy_dir, nginx_port, origin_port, routes)
+        if "nginx-tls" in targets:
+            proxy_conf = nginx_with_tls(proxy_conf, nginx_port, nginx_tls_port, cert_path, key_path)
         servers["nginx"] = start_nginx(supervisor, "nginx", proxy_dir, proxy_conf, nginx_port, args.proxy_cpus)
     if "ringgate" in targets:
         ringgate_dir = work_dir / "ringgate"
         ringgate_dir.mkdir()
         kong_yml = ringgate_dir / "kong.yml"
-        kong_yml.write_text(gen_config.kong_yml(origin_port, routes))
+        kong_text = gen_config.kong_yml(origin_port, routes)
+        listen = f"127.0.0.1:{ringgate_port}"
+        if "ringgate-tls" in targets:
+            kong_text = ringgate_config_with_tls(kong_text, cert_path, key_path)
+            listen += f", 127.0.0.1:{ringgate_tls_port} ssl"
+        kong_yml.write_text(kong_text)
         argv = [
             "taskset", "-c", args.proxy_cpus, sys.executable, "-m", "ringgate", "start", "-c", str(kong_yml),
-            "--proxy-listen", f"127.0.0.1:{ringgate_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+            "--proxy-listen", listen, "--admin-listen", f"127.0.0.1:{admin_port}",
             "--workers", str(args.workers), "--prefix", str(ringgate_dir / "prefix"),
         ]
         # Unbuffered, so the ready line reaches the log file as soon as it is printed.
@@ -704,6 +824,11 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
             ready_line = RINGGATE_READY_PREFIX if name == "ringgate" else None
             for size in SIZES:
                 wait_until_serving(servers[name], request_path(name, size), size.body, args.startup_timeout, ready_line)
+    for name, plain in TLS_TARGETS.items():
+        if name in targets:
+            servers[name] = servers[plain]  # the same process, measured on its TLS port
+            for size in SIZES:
+                check_tls_serving(name, ports[name], request_path(name, size), size.body, certificate_der)
 
     script = work_dir / "report.lua"
     script.write_text(WRK_REPORT_LUA)
@@ -712,10 +837,11 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
     measured: dict[tuple[str, str], list[CaseResult]] = {}
     for size in SIZES:
         for round_index in range(args.rounds):
-            for name in TARGETS:
+            for name in (*TARGETS, *TLS_TARGETS):
                 if name not in targets:
                     continue
-                url = f"http://127.0.0.1:{ports[name]}{request_path(name, size)}"
+                scheme = "https" if name in TLS_TARGETS else "http"
+                url = f"{scheme}://127.0.0.1:{ports[name]}{request_path(name, size)}"
                 print(f"bench: round {round_index + 1}/{args.rounds}, {TARGET_TITLES[name]}, {size.label}: "
                       f"{args.warmup:g} s warm-up, {args.duration:g} s measured ({url})", file=sys.stderr, flush=True)
                 if args.warmup > 0:
@@ -743,6 +869,14 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
                      for r, n in zip(measured.get((size.label, "ringgate"), []), measured.get((size.label, "nginx"), []))]
         for size in SIZES
     }
+    if tls:
+        round_ratios.update({
+            f"{size.label} TLS": [
+                r.result.requests_per_sec / n.result.requests_per_sec
+                for r, n in zip(measured.get((size.label, "ringgate-tls"), []), measured.get((size.label, "nginx-tls"), []))
+            ]
+            for size in SIZES
+        })
     add_ratios(cases)
 
     memory: dict[str, TreeMemory] = {name: memory_of_tree(servers[name].process.pid) for name in ("nginx", "ringgate") if name in servers}
@@ -754,7 +888,7 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
             "duration_s": args.duration, "warmup_s": args.warmup, "connections": args.connections,
             "ringgate_workers": args.workers, "proxy_cpus": args.proxy_cpus, "load_cpus": args.load_cpus,
             "routes": len(routes.prefixes), "target_route_index": routes.target_index,
-            "target_route": routes.target_prefix, "targets": targets, "rounds": args.rounds,
+            "target_route": routes.target_prefix, "targets": targets, "rounds": args.rounds, "tls": tls,
         },
         "round_ratios": round_ratios,
         "background_cpu_busy": background_busy,

@@ -15,8 +15,8 @@ LOG_FORMAT = "%(asctime)s [%(levelname)s] %(process)d %(name)s: %(message)s"
 
 
 def _add_node_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--proxy-listen", metavar="HOST:PORT", help="proxy address (default 0.0.0.0:8000; "
-                        "env RINGGATE_PROXY_LISTEN)")
+    parser.add_argument("--proxy-listen", metavar="HOST:PORT [ssl], ...", help="proxy addresses in Kong's listen "
+                        "syntax, e.g. '0.0.0.0:8000, 0.0.0.0:8443 ssl' (default 0.0.0.0:8000; env RINGGATE_PROXY_LISTEN)")
     parser.add_argument("--admin-listen", metavar="HOST:PORT", help="admin address (default 127.0.0.1:8001; "
                         "env RINGGATE_ADMIN_LISTEN)")
     parser.add_argument("--workers", metavar="N", help="proxy worker processes (default: one per core; "
@@ -27,6 +27,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
                         "headers are kept (default none; env RINGGATE_TRUSTED_IPS)")
     parser.add_argument("--drain-timeout", metavar="SECONDS", help="graceful stop limit (default 10; "
                         "env RINGGATE_DRAIN_TIMEOUT)")
+    parser.add_argument("--plugins", metavar="LIST", help="plugins this node can run: bundled and/or "
+                        "module:Class, comma-separated (default bundled; env RINGGATE_PLUGINS)")
     parser.add_argument("--health-capacity", metavar="N", help="target health blocks in shared memory "
                         "(default 4096; env RINGGATE_HEALTH_CAPACITY)")
     parser.add_argument("--admin-token", metavar="TOKEN", help="require this token on every Admin API request "
@@ -45,10 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_flags(start)
     check = sub.add_parser("check", help="validate a declarative config file")
     check.add_argument("file")
+    check.add_argument("--plugins", metavar="LIST", help="plugins enabled (default bundled; env RINGGATE_PLUGINS)")
     demo = sub.add_parser("demo", help="start the gateway with built-in demo upstreams")
     _add_node_flags(demo)
     stop = sub.add_parser("stop", help="stop a running gateway (via its pid file)")
     stop.add_argument("--prefix", metavar="DIR")
+    stats = sub.add_parser("stats", help="print the running gateway's counters (its msgpack stats socket)")
+    stats.add_argument("--prefix", metavar="DIR")
+    stats.add_argument("--json", action="store_true", help="the whole stats document as JSON")
     reload = sub.add_parser("reload", help="re-read the -c file of a running gateway (SIGHUP via its pid file)")
     reload.add_argument("--prefix", metavar="DIR")
     return parser
@@ -58,7 +64,7 @@ def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = 
     """Defaults < RINGGATE_* environment < flags, as Kong does with KONG_* and kong.conf."""
     values: dict[str, Any] = from_environment(environ)
     for name in ("proxy_listen", "admin_listen", "workers", "prefix", "trusted_ips", "drain_timeout", "log_level",
-                 "health_capacity", "admin_token"):
+                 "health_capacity", "admin_token", "plugins", "shared_dict_capacity", "cache_capacity"):
         raw = getattr(args, name, None)
         if raw is not None:
             values[name] = coerce(name, raw)
@@ -73,6 +79,15 @@ def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = 
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
+
+
+def _enable_plugins(text: str) -> None:
+    """Before any config is read: a kong.yml may only name plugins enabled here (Kong's rule)."""
+    from ringgate.plugins.registry import PluginLoadError, enable_list
+    try:
+        enable_list(text)
+    except PluginLoadError as exc:
+        raise SettingsError(f"RINGGATE_PLUGINS: {exc}") from None
 
 
 def cmd_check(path: str) -> int:
@@ -156,17 +171,21 @@ def cmd_signal(prefix: str, signo: signal.Signals, what: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "check":
-        return cmd_check(args.file)
     try:
         settings = resolve_settings(args)
+        _enable_plugins(settings.plugins)
     except SettingsError as exc:
         print(f"ringgate: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check":
+        return cmd_check(args.file)
     if args.command == "stop":
         return cmd_signal(settings.prefix, signal.SIGTERM, "stop")
     if args.command == "reload":
         return cmd_signal(settings.prefix, signal.SIGHUP, "reload")
+    if args.command == "stats":
+        from ringgate.stats_cli import run as print_stats
+        return print_stats(settings.prefix, args.json, sys.stdout)
     _setup_logging(settings.log_level)
     if args.command == "demo":
         from ringgate.demo import run_demo

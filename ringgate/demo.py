@@ -64,14 +64,19 @@ def run_demo(settings: Settings) -> int:
         finally:
             os._exit(0)
     time.sleep(0.3)
-    proxy = f"http://127.0.0.1:{settings.proxy_listen.port}"
+    first = settings.proxy_listen[0]
+    proxy = f"{'https' if first.ssl else 'http'}://127.0.0.1:{first.port}"
+    # A TLS listener serves the self-signed default certificate (the demo config has none): -k.
+    curl = "curl -k" if first.ssl else "curl"
     print("ringgate demo: origins on " + ", ".join(f"127.0.0.1:{p}" for p in ports) + "; try:", flush=True)
+    tls = [spec for spec in settings.proxy_listen if spec.ssl and spec is not first]
     for line in (
-        f"curl -i {proxy}/demo",
-        f"curl -i {proxy}/echo/hello?x=1",
-        f"curl -N {proxy}/sse",
-        f"curl -i {proxy}/v2/items",
-        f"curl -i {proxy}/nowhere",
+        f"{curl} -i {proxy}/demo",
+        *(f"curl -k -i https://127.0.0.1:{spec.port}/demo" for spec in tls[:1]),
+        f"{curl} -i {proxy}/echo/hello?x=1",
+        f"{curl} -N {proxy}/sse",
+        f"{curl} -i {proxy}/v2/items",
+        f"{curl} -i {proxy}/nowhere",
         f"curl -s http://{settings.admin_listen.host}:{settings.admin_listen.port}/status",
     ):
         print("  " + line, flush=True)

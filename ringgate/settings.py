@@ -125,6 +125,39 @@ def parse_listen_list(text: str, setting: str) -> tuple[ListenSpec, ...]:
     return tuple(specs)
 
 
+class ListenList(tuple[ListenSpec, ...]):
+    """The listen entries of one setting, in order; str() is Kong's comma-separated form."""
+
+    def __str__(self) -> str:
+        return ", ".join(str(spec) for spec in self)
+
+    @property
+    def tls(self) -> bool:
+        """Whether any entry serves TLS (then the node needs its certificates)."""
+        return any(spec.ssl for spec in self)
+
+
+def parse_proxy_listen(text: str, setting: str) -> ListenList:
+    """Kong's proxy_listen: every entry, plain or `ssl`; at least one (Ringgate has no proxy-less mode)."""
+    specs = parse_listen_list(text, setting)
+    if not specs:
+        raise SettingsError(f"{setting}: 'off' is not supported, the proxy needs at least one address")
+    return ListenList(specs)
+
+
+def parse_admin_listen(text: str, setting: str) -> ListenAddress:
+    """One plain address; flags are read with Kong's syntax so that `ssl` is refused rather than ignored."""
+    specs = parse_listen_list(text, setting)
+    if len(specs) != 1:
+        raise SettingsError(f"{setting}: expected exactly one address (HOST:PORT), got {text.strip()!r}")
+    if specs[0].ssl:
+        raise SettingsError(f"{setting}: 'ssl' is not supported on the admin listener yet")
+    return specs[0].address
+
+
+DEFAULT_PROXY_LISTEN = ListenList((ListenSpec(ListenAddress("0.0.0.0", 8000)),))
+
+
 def parse_networks(text: str, setting: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     nets = []
     for item in (t.strip() for t in text.split(",")):
@@ -139,8 +172,9 @@ def parse_networks(text: str, setting: str) -> tuple[ipaddress.IPv4Network | ipa
 
 @dataclass(frozen=True)
 class Settings:
-    # Kong's ports: 8000 proxy on all interfaces, 8001 admin on loopback only.
-    proxy_listen: ListenAddress = ListenAddress("0.0.0.0", 8000)
+    # Kong's ports: 8000 proxy on all interfaces, 8001 admin on loopback only. Kong also listens on
+    # 8443 ssl by default; Ringgate binds TLS only where asked ("0.0.0.0:8000, 0.0.0.0:8443 ssl").
+    proxy_listen: ListenList = DEFAULT_PROXY_LISTEN
     admin_listen: ListenAddress = ListenAddress("127.0.0.1", 8001)
     # 0 = one worker per core, like nginx's worker_processes auto.
     workers: int = 0
@@ -165,6 +199,11 @@ class Settings:
     log_level: str = "info"
     # Target health blocks in shared memory (128 bytes each); a block is claimed per (upstream, host, port).
     health_capacity: int = 4096
+    # Entries of the shared dict (plugins' counters) and of the shared answer cache (64 KiB each at most).
+    shared_dict_capacity: int = 65536
+    cache_capacity: int = 1024
+    # Kong's `plugins` property: "bundled", plus user classes as module:Class, comma-separated.
+    plugins: str = "bundled"
     # When set, every Admin API request must carry it (Authorization: Bearer, or Kong-Admin-Token).
     admin_token: str | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -178,8 +217,8 @@ class Settings:
 
 
 _PARSERS: dict[str, Any] = {
-    "proxy_listen": parse_listen,
-    "admin_listen": parse_listen,
+    "proxy_listen": parse_proxy_listen,
+    "admin_listen": parse_admin_listen,
     "trusted_ips": parse_networks,
 }
 

@@ -429,6 +429,26 @@ class CurrentStore:
         self.store = store
 
 
+def certificates_fingerprint(config: Config) -> tuple[object, ...]:
+    """What a node's store is built from. A reload with the same fingerprint keeps the store it has
+    (loading costs milliseconds per certificate; most reloads change routes, not certificates)."""
+    return (
+        tuple((c.id, c.cert, c.key, c.cert_alt, c.key_alt) for c in config.certificates),
+        tuple((sni.name, sni.certificate) for sni in config.snis),
+    )
+
+
+def node_store(config: Config, prefix: str) -> CertificateStore:
+    """The certificates a node serves: the config's, and the default kept under `prefix`.
+
+    The config was validated when it was given (kong.yml, the Admin API), so a certificate that has
+    lapsed since is served with a warning rather than stopping the node (see `validity_unchecked`).
+    Raises ConfigError if OpenSSL refuses a certificate.
+    """
+    with validity_unchecked():
+        return CertificateStore.from_config(config, default=default_certificate(prefix))
+
+
 def server_context(store: CertificateStore | CurrentStore) -> ssl.SSLContext:
     """The listener's context: TLS 1.2/1.3, Mozilla intermediate ciphers, ALPN http/1.1, and an SNI
     callback that switches each connection to its certificate's context.
@@ -557,8 +577,10 @@ __all__ = [
     "ca_certificate_digest",
     "ca_certificate_problems",
     "certificate_problems",
+    "certificates_fingerprint",
     "default_certificate",
     "generate_self_signed",
+    "node_store",
     "process_default_certificate",
     "selected_sni",
     "server_context",

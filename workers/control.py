@@ -23,12 +23,17 @@ import uvloop
 from ringgate.admin.api import AdminContext, Request, Response
 from ringgate.admin.app import AdminApp
 from ringgate.admin.state import ConfigState
+from ringgate.providers import breaker_provider, fallback_provider, health_provider
+from ringgate.stats import StatsSource
+from workers.prober import ActiveProber
+from ringgate.statsock import STATS_SOCKET, serve_stats, stop_stats
 from shared_state.health import HealthTable
 from workers import http11
 from workers.child import prepare_child, report_ready
 
 if TYPE_CHECKING:
     from shared_state.arena import Arena
+    from workers.shm import NodeMemory
 
     from ringgate.config import Config
     from ringgate.settings import Settings
@@ -173,7 +178,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_control(settings: Settings, config: Config, listen: socket.socket, arena: Arena,
-                ready_fd: int, health: HealthTable | None = None) -> int:
+                ready_fd: int, health: HealthTable | None = None, memory: "NodeMemory | None" = None) -> int:
     prepare_child()
     if not settings.admin_token and not _is_loopback(settings.admin_listen.host):
         log.warning("the Admin API listens on %s without a token: anyone who can reach it can change the "
@@ -182,14 +187,46 @@ def run_control(settings: Settings, config: Config, listen: socket.socket, arena
     asyncio.set_event_loop(loop)
     state = ConfigState(settings.prefix, arena, fallback=config)
     health = health if health is not None else HealthTable(1)
-    app = AdminApp(AdminContext(settings, state, arena, _node_id(settings.prefix), health=health))
+    node_id = _node_id(settings.prefix)
+
+    def running_config() -> Config:
+        return state.snapshot.config
+
+    def config_id() -> tuple[str | None, int]:
+        snapshot = state.snapshot
+        return snapshot.config.config_hash, snapshot.generation
+
+    source = StatsSource(
+        arena=arena, series=memory.series if memory is not None else None, node_id=node_id, pid=os.getppid(),
+        config=config_id, health=health_provider(running_config, health),
+        breakers=breaker_provider(running_config, health),
+        fallbacks=fallback_provider(memory.shdict if memory is not None else None),
+    )
+    app = AdminApp(AdminContext(settings, state, arena, node_id, health=health, stats=source))
     server = loop.run_until_complete(loop.create_server(lambda: AdminProtocol(app), sock=listen))
+    stats_path = os.path.join(settings.prefix, STATS_SOCKET)
+    stats_server = loop.run_until_complete(serve_stats(stats_path, source.build))
+    # Active health checks run here, once per node, never on a worker's request path.
+    prober = ActiveProber(loop, health, settings)
+    probed = [state.snapshot.config.config_hash]
+    prober.apply_config(state.snapshot.config)
+
+    def follow_config() -> None:
+        current = state.snapshot.config  # reloads the snapshot when the generation moved
+        if current.config_hash != probed[0]:
+            probed[0] = current.config_hash
+            prober.apply_config(current)
+        loop.call_later(0.2, follow_config)
+
+    loop.call_later(0.2, follow_config)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     report_ready(ready_fd, b"c")
     try:
         loop.run_until_complete(stop.wait())
         server.close()
+        stop_stats(stats_server, stats_path)
+        loop.run_until_complete(prober.close())
     finally:
         loop.close()
     return 0

@@ -85,5 +85,28 @@ def error_response(status: int, message: str, request_id: str, accept: bytes | N
     return b"".join(parts)
 
 
+def plugin_response(status: int, body: bytes, headers: list[tuple[str, str]], request_id: bytes, head_only: bool,
+                    close: bool) -> bytes:
+    """An answer a plugin gave (Kong's kong.response.exit): its headers, a Content-Length, our marks."""
+    parts = [status_line(status)]
+    has_type = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in ("content-length", "transfer-encoding", "connection"):
+            continue  # framing is ours to set
+        has_type = has_type or lower == "content-type"
+        parts += [name.encode("latin-1"), b": ", str(value).encode("latin-1"), b"\r\n"]
+    if body and not has_type:
+        parts.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+    parts += [b"Content-Length: %d\r\n" % len(body), b"Server: ", SERVER_TOKEN, b"\r\n",
+              b"X-Kong-Request-Id: ", request_id, b"\r\n"]
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNK_END = b"0\r\n\r\n"

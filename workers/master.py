@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ringgate.config import ConfigError, load_file
-from ringgate.config.store import config_lock, load_snapshot, save_snapshot
+from ringgate.config.store import config_lock, load_snapshot, save_snapshot, snapshot_hash
 from shared_state.arena import Arena
 from shared_state.health import HealthTable
+from workers.shm import NodeMemory, create_node_memory
 
 if TYPE_CHECKING:
     from ringgate.config import Config
-    from ringgate.settings import ListenAddress, Settings
+    from ringgate.settings import ListenAddress, ListenSpec, Settings
+    from ringgate.tls import CertificateStore
 
 log = logging.getLogger("ringgate.master")
 
@@ -39,10 +41,14 @@ class StartupError(Exception):
     pass
 
 
-def bind(address: "ListenAddress", what: str, backlog: int = 4096) -> socket.socket:
+def bind(address: "ListenAddress", what: str, backlog: int = 4096, reuseport: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        # One socket shared by every worker already spreads connections; the flag lets another
+        # process bind the same address too (a second node during an upgrade), as with nginx.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((address.host, address.port))
         sock.listen(backlog)
@@ -52,6 +58,37 @@ def bind(address: "ListenAddress", what: str, backlog: int = 4096) -> socket.soc
         raise StartupError(f"cannot listen on {address} ({what}): {reason}") from None
     sock.setblocking(False)
     return sock
+
+
+def bind_all(specs: "tuple[ListenSpec, ...]", what: str) -> "list[tuple[ListenSpec, socket.socket]]":
+    """Bind every entry of a listen setting, or none: on a failure the ones already bound are closed."""
+    bound: list[tuple[ListenSpec, socket.socket]] = []
+    try:
+        for spec in specs:
+            backlog = spec.backlog if spec.backlog is not None else 4096
+            bound.append((spec, bind(spec.address, what, backlog, spec.reuseport)))
+    except StartupError:
+        for _, sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def listening_on(listeners: "list[tuple[ListenSpec, socket.socket]]") -> str:
+    """The bound addresses as Kong writes them, with the real port when 0 was asked for."""
+    return ", ".join(f"{spec.host}:{sock.getsockname()[1]}" + (" ssl" if spec.ssl else "") for spec, sock in listeners)
+
+
+def certificates_for(settings: "Settings", config: "Config") -> "CertificateStore | None":
+    """The TLS listeners' certificates, loaded before anything listens (nginx loads them in its master
+    too: the workers inherit them); None when no listener serves TLS."""
+    if not any(spec.ssl for spec in settings.proxy_listen):
+        return None
+    from ringgate.tls import node_store
+    try:
+        return node_store(config, settings.prefix)
+    except ConfigError as exc:
+        raise StartupError(f"cannot serve TLS: {exc}") from None
 
 
 @dataclass
@@ -68,10 +105,13 @@ class Child:
 class Master:
     settings: "Settings"
     config: "Config"
-    proxy_sock: socket.socket
+    proxy_listeners: "list[tuple[ListenSpec, socket.socket]]"
     admin_sock: socket.socket
     arena: Arena
     health: HealthTable
+    # Built from `config` before the fork; a child started after a reload builds its own.
+    certificates: "CertificateStore | None" = None
+    memory: "NodeMemory | None" = None  # shdict, answer cache, series (workers/shm.py)
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
 
@@ -103,13 +143,16 @@ class Master:
     def _child_main(self, child: Child, ready_fd: int) -> int:
         config = self._current_config()
         if child.kind == "control":
-            self.proxy_sock.close()
+            for _, sock in self.proxy_listeners:
+                sock.close()
             from workers.control import run_control
-            return run_control(self.settings, config, self.admin_sock, self.arena, ready_fd, health=self.health)
+            return run_control(self.settings, config, self.admin_sock, self.arena, ready_fd, health=self.health,
+                               memory=self.memory)
         self.admin_sock.close()
         from workers.worker import run_worker
-        return run_worker(child.slot, self.settings, config, self.proxy_sock, self.arena, ready_fd,
-                          health=self.health)
+        certificates = self.certificates if config is self.config else None
+        return run_worker(child.slot, self.settings, config, self.proxy_listeners, self.arena, ready_fd,
+                          health=self.health, certificates=certificates, memory=self.memory)
 
     def start_all(self, announce: Callable[[], None]) -> None:
         read_fd, write_fd = os.pipe()
@@ -177,16 +220,13 @@ class Master:
         # The snapshot is the truth (Admin API writes change it too); the lock orders this
         # write against theirs. As in Kong, the -c file replaces whatever the Admin API did.
         with config_lock(self.settings.prefix):
-            try:
-                unchanged = config.config_hash == load_snapshot(self.settings.prefix).config_hash
-            except (OSError, ConfigError):
-                unchanged = False
-            if unchanged:
+            if config.config_hash == snapshot_hash(self.settings.prefix):
                 log.info("reload: %s is unchanged (%s)", path, config.config_hash)
                 return
             save_snapshot(self.settings.prefix, config)
             generation = self.arena.bump_generation()
         self.config = config  # children started from now on begin with it
+        self.certificates = None  # and load its certificates themselves
         log.info("reloaded %s (%s), generation %d", path, config.config_hash, generation)
 
     def _next_respawn_delay(self) -> float:
@@ -209,6 +249,8 @@ class Master:
                 child.pid = 0
                 if child.kind == "worker":
                     self.arena.retire(child.slot)
+                    if self.memory is not None:
+                        self.memory.series.retire(child.slot)
                 if self.stopping:
                     break
                 lived = time.monotonic() - child.started
@@ -263,24 +305,28 @@ def _describe(status: int) -> str:
 def run(settings: "Settings", config: "Config", config_label: str) -> int:
     """Run the gateway in the foreground until SIGTERM/SIGINT. Raises StartupError before listening on failure."""
     os.makedirs(settings.prefix, exist_ok=True)
-    proxy_sock = bind(settings.proxy_listen, "proxy_listen")
+    certificates = certificates_for(settings, config)
+    proxy_listeners = bind_all(settings.proxy_listen, "proxy_listen")
     try:
         admin_sock = bind(settings.admin_listen, "admin_listen", backlog=128)
     except StartupError:
-        proxy_sock.close()
+        for _, sock in proxy_listeners:
+            sock.close()
         raise
     arena = Arena(settings.worker_count + 1)
     health = HealthTable(settings.health_capacity)
+    memory = create_node_memory(settings)
     save_snapshot(settings.prefix, config)
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-    master = Master(settings, config, proxy_sock, admin_sock, arena, health)
+    master = Master(settings, config, proxy_listeners, admin_sock, arena, health, certificates=certificates,
+                    memory=memory)
     pid_path = os.path.join(settings.prefix, PID_FILE)
 
     def announce() -> None:
         with open(pid_path + ".tmp", "w") as f:
             f.write(f"{os.getpid()}\n")
         os.replace(pid_path + ".tmp", pid_path)
-        proxy = f"{settings.proxy_listen.host}:{proxy_sock.getsockname()[1]}"
+        proxy = listening_on(proxy_listeners)
         admin = f"{settings.admin_listen.host}:{admin_sock.getsockname()[1]}"
         print(f"ringgate: ready, proxy on {proxy}, admin on {admin}, {settings.worker_count} workers, "
               f"pid {os.getpid()}, config {config_label} ({config.config_hash})", flush=True)
@@ -296,6 +342,7 @@ def run(settings: "Settings", config: "Config", config_label: str) -> int:
             os.unlink(pid_path)
         except OSError:
             pass
-        proxy_sock.close()
+        for _, sock in proxy_listeners:
+            sock.close()
         admin_sock.close()
         sys.stdout.flush()

@@ -11,10 +11,26 @@
 # `out`, flushed once per read (one writev per upstream packet). Nothing here
 # blocks; the only awaitable is opening a new upstream connection.
 
+from libc.stdint cimport uint64_t
 from fastpath.balancer cimport Balancer
 from fastpath.router cimport RouteMatch, Router
 from shared_state.arena cimport WorkerStats
 from shared_state.health cimport HealthTable
+from shared_state.series cimport SeriesTable
+
+
+cdef class SeriesRecorder:
+    # One per worker: requests by route and code, latency histograms and bandwidth, per-target counts,
+    # into this worker's region of the shared series table (single writer). Indexes cached by key.
+    cdef SeriesTable table
+    cdef int slot
+    cdef dict routes                           # (service label, route label) -> series index
+    cdef dict codes                            # (service label, route label, code, source) -> index
+    cdef dict targets                          # (upstream, "host:port") -> index
+
+    cdef void record(self, Request req, int status, long long bytes_out) except *
+    cdef void target_failure(self, object upstream, int index, bint timeout) except *
+    cdef uint64_t* _target_vector(self, object upstream, int target) except NULL
 
 
 cdef class HealthSync:
@@ -50,6 +66,8 @@ cdef class Request:
     cdef public Exchange exchange
     cdef public bytes request_id
     cdef public frozenset connection_tokens
+    cdef public object plugin_ctx       # ringgate.plugins.base.Context when the route has plugins
+    cdef public object plugin_chain     # its ringgate.plugins.chain.Chain
 
 
 cdef class UpstreamPool:
@@ -104,6 +122,7 @@ cdef class ClientProtocol:
     cdef UpstreamPool pool
     cdef WorkerStats stats
     cdef HealthSync health
+    cdef SeriesRecorder series
     cdef Py_ssize_t max_request_line
     cdef Py_ssize_t max_header_bytes
     cdef Py_ssize_t max_headers
@@ -115,6 +134,10 @@ cdef class ClientProtocol:
     cdef object parser
     cdef readonly str peer_ip
     cdef bint trusted                   # peer in trusted_ips: its X-Forwarded-* are kept
+    cdef object listener                # workers.worker.Listener: port, TLS flag, its header lines
+    cdef int listen_port
+    cdef readonly bint tls              # arrived on a TLS listener
+    cdef readonly object sni            # TLS: the server name the client sent ("" for none); plain: None
     cdef bytes ip_bytes
     cdef bytes conn_block               # X-Real-IP and the per-worker constant headers, built once
     cdef str last_host                  # the Host of the previous request, and what was built from it
@@ -151,6 +174,7 @@ cdef class ClientProtocol:
     cdef void writelines(self, list parts) except *
     cdef void abort(self) except *
     cdef void _close(self) except *
+    cdef void plugin_exit(self, Request req) except *
 
 
 cdef class Exchange:
@@ -196,6 +220,10 @@ cdef class Exchange:
     cdef bint out_large                 # a body piece in `out` is big enough to write without copying
     cdef double t_sent
     cdef double t_head
+    # plugins (None when the route has none: every hook below is skipped)
+    cdef object chain
+    cdef object pctx
+    cdef bint in_fallback
 
     cdef init(self, ClientProtocol client, Request req, RouteMatch match, object route, object service)
     cdef void start(self) except *
@@ -217,3 +245,6 @@ cdef class Exchange:
     cdef void abandon(self) except *
     cdef void _fail(self, int status, str message) except *
     cdef void _finish(self, bint keep_alive) except *
+    cdef bint _plugins_take_over(self, int status, list headers) except -1
+    cdef void _replace_answer(self) except *
+    cdef void switch_to(self, object dest, object path) except *

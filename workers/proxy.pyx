@@ -19,6 +19,7 @@ from collections import deque
 
 import httptools
 
+from libc.stdint cimport uint64_t
 from libc.stdio cimport snprintf
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libc.string cimport memchr, strncasecmp
@@ -27,11 +28,18 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from shared_state import arena as arena_fields
 from workers import http11
 from workers.resolver import NameResolutionError
+from ringgate.plugins import chain as plugin_chain
+from ringgate.plugins.base import Context as PluginContext
 
 from fastpath.balancer cimport Balancer
 from shared_state.health cimport (HealthTable, HealthPolicy, monotonic_ms, OUTCOME_SUCCESS,
                                   OUTCOME_HTTP_FAILURE, OUTCOME_TCP_FAILURE, OUTCOME_TIMEOUT, S_EJECTED, S_TRIAL)
 from shared_state import health_rules
+from shared_state.series cimport (SeriesTable, series_add, series_observe, KIND_ROUTE, KIND_CODE, KIND_TARGET,
+                                  R_REQUESTS, R_STATUS_1XX, R_BYTES_IN, R_BYTES_OUT, R_REQUEST_LATENCY,
+                                  R_UPSTREAM_LATENCY, R_KONG_LATENCY, T_REQUESTS, T_CONNECT_FAILURES, T_TIMEOUTS,
+                                  T_STATUS_FAILURES, T_LATENCY_SUM_US, T_LATENCY_COUNT, C_REQUESTS)
+from shared_state.series import code_key, route_key, target_key
 from fastpath.router cimport RouteMatch, Router
 from shared_state.arena cimport WorkerStats
 
@@ -345,7 +353,7 @@ cdef class Request:
 # Upstream side
 
 cdef class UpstreamPool:
-    """Idle keep-alive connections per (ip, port, TLS name), newest first."""
+    """Idle keep-alive connections per (ip, port, TLS name, TLS context), newest first."""
 
     def __init__(self, loop: object, settings: object) -> None:
         self.loop = loop
@@ -394,7 +402,9 @@ cdef class UpstreamPool:
             stack.remove(conn)
 
     async def connect(self, tuple key, object ssl_context, double timeout):
-        ip, port, server_name = key
+        # key[3]: the TLS context, so a connection verified one way is never lent to a service
+        # that verifies another way (or not at all).
+        ip, port, server_name = key[0], key[1], key[2]
         transport, conn = await asyncio.wait_for(
             self.loop.create_connection(
                 lambda: UpstreamConnection(self, key), ip, port,
@@ -589,12 +599,16 @@ cdef class UpstreamConnection:
 # Client side
 
 cdef class ClientProtocol:
-    def __init__(self, ctx: object) -> None:
+    def __init__(self, ctx: object, listener: object = None) -> None:
         self.ctx = ctx
+        self.listener = listener if listener is not None else ctx.listeners[0]
+        self.listen_port = self.listener.port
+        self.tls = self.listener.tls
         self.loop = ctx.loop
         self.pool = ctx.pool
         self.stats = ctx.stats
         self.health = ctx.health
+        self.series = ctx.series
         settings = ctx.settings
         self.max_request_line = settings.max_request_line
         self.max_header_bytes = settings.max_header_bytes
@@ -616,7 +630,12 @@ cdef class ClientProtocol:
         self.peer_ip = peer[0] if isinstance(peer, tuple) else ""
         self.trusted = self.ctx.is_trusted(self.peer_ip)
         self.ip_bytes = self.peer_ip.encode("ascii")
-        self.conn_block = b"X-Real-IP: " + self.ip_bytes + CRLF + self.ctx.constant_upstream_headers
+        self.conn_block = b"X-Real-IP: " + self.ip_bytes + CRLF + self.listener.constant_upstream_headers
+        if self.tls:
+            # The handshake is over: the SNI callback has left the client's server name on the SSL object
+            # (imported here: a worker without TLS listeners never loads ringgate.tls).
+            from ringgate.tls import selected_sni
+            self.sni = selected_sni(transport.get_extra_info("ssl_object")) or ""
         self.ctx.connections.add(self)
         self.stats.add(F_CONNECTIONS_ACCEPTED, 1)
         self.stats.add(F_CONNECTIONS_ACTIVE, 1)
@@ -823,7 +842,7 @@ cdef class ClientProtocol:
                 if lname in wanted and lname not in header_values:
                     header_values[lname] = value.decode("latin-1")
         try:
-            match = router.match(req.method, req.host, req.path, header_values, ctx.listen_port)
+            match = router.match(req.method, req.host, req.path, header_values, self.listen_port, self.sni)
         except ValueError:
             self.send_error(req, 400, http11.MSG_BAD_REQUEST)
             return
@@ -831,13 +850,34 @@ cdef class ClientProtocol:
             self.send_error(req, 404, http11.MSG_NO_ROUTE)
             return
         route = match.payload
+        if route.https_only and not _forwarded_https(self, req):
+            _require_https(self, req, route)
+            return
         service = route.service
         if service is None:
             self.send_error(req, 503, http11.MSG_NO_SERVICE)
             return
+        chain = route.plugins
+        pctx = None
+        if chain is not None:
+            pctx = _plugin_context(self, req, match, route, service)
+            req.plugin_ctx = pctx
+            req.plugin_chain = chain
+            if plugin_chain.run_access(chain, pctx):
+                self.plugin_exit(req)
+                return
         cdef Exchange exchange = Exchange.__new__(Exchange)
         exchange.init(self, req, match, route, service)
         req.exchange = exchange
+        if pctx is not None:
+            exchange.chain = chain
+            exchange.pctx = pctx
+            if pctx.fallback_step is not None:
+                # A plugin sent the request past the primary (e.g. an open circuit breaker).
+                step, pctx.fallback_step = pctx.fallback_step, None
+                exchange._build_head()
+                exchange.switch_to(step.service, step.path)
+                return
         exchange.start()
 
     cdef void _start_next(self) except *:
@@ -856,6 +896,10 @@ cdef class ClientProtocol:
         """Called once per request, by the exchange or the error path, when its answer is fully written."""
         self.stats.record_response(status, req.body_bytes, bytes_out)
         self.requests_served += 1
+        if self.series is not None:
+            self.series.record(req, status, bytes_out)
+        if req.plugin_ctx is not None:
+            _plugin_log(req, status, bytes_out)
         # Break the request <-> exchange cycle so both are freed by reference counting, not the GC.
         req.exchange = None
         if self.active is req:
@@ -872,7 +916,7 @@ cdef class ClientProtocol:
             error, self.error_after = self.error_after, None
             self._refuse(error)
             return
-        if self.parsing is req and not req.body_done:
+        if self.parsing is req and not req.body_done and req.has_body:
             # The answer went out before the request body was read (an early error): the rest of the
             # body cannot be told apart from a next request without reading it, so close.
             self._close()
@@ -883,6 +927,18 @@ cdef class ClientProtocol:
         cdef bint keep = (req.keep_alive and not close and not self.ctx.draining
                           and (req.body_done or not req.has_body))
         data = http11.error_response(status, message, req.request_id.decode("ascii"), req.accept, not keep)
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+        self.request_done(req, status, len(data), keep)
+
+    cdef void plugin_exit(self, Request req) except *:
+        """Send the answer a plugin gave with ctx.exit() (after its header_filter phase)."""
+        pctx = req.plugin_ctx
+        status, body, headers = pctx.exit_answer
+        plugin_chain.run_header_filter(req.plugin_chain, pctx, status, headers)
+        headers = plugin_chain.apply_header_ops(headers, pctx.response_headers)
+        cdef bint keep = (req.keep_alive and not self.ctx.draining and (req.body_done or not req.has_body))
+        data = http11.plugin_response(status, body, headers, req.request_id, req.method == "HEAD", not keep)
         if self.transport is not None and not self.closed:
             self.transport.write(data)
         self.request_done(req, status, len(data), keep)
@@ -985,6 +1041,56 @@ cdef str _strip_port(str host):
     return host.strip("[]")
 
 
+cdef bint _forwarded_https(ClientProtocol client, Request req) except -1:
+    """Kong's forwarded scheme is https: X-Forwarded-Proto from a trusted peer, else the connection's."""
+    cdef bytes name, value
+    if client.trusted:
+        for name, value in req.headers:
+            if _is(name, "x-forwarded-proto", 17):
+                return value.strip().lower() == b"https"
+    return client.tls
+
+
+cdef bytes _forwarded_host(ClientProtocol client, Request req):
+    """Kong's forwarded host: X-Forwarded-Host from a trusted peer, else nginx's $host (no port, lowercased)."""
+    cdef bytes name, value
+    if client.trusted:
+        for name, value in req.headers:
+            if _is(name, "x-forwarded-host", 16):
+                return value.strip()
+    cdef str host = req.host
+    cdef Py_ssize_t colon = host.rfind(":")
+    if colon >= 0 and host[colon + 1:].isdigit() and host.find("]") < colon:
+        host = host[:colon]
+    return host.lower().encode("latin-1")
+
+
+cdef tuple _UPGRADE_TO_TLS = ((b"Connection", b"Upgrade"), (b"Upgrade", b"TLS/1.2, HTTP/1.1"))
+
+
+cdef void _require_https(ClientProtocol client, Request req, object route) except *:
+    """Kong's answer to a plain-http request on an https-only route: 426, or a redirect to https."""
+    cdef int status = route.https_redirect_status_code
+    cdef bint keep = (req.keep_alive and not client.ctx.draining and (req.body_done or not req.has_body))
+    cdef bytes data, uri
+    if status == 426:
+        data = http11.error_response(426, "Please use HTTPS protocol", req.request_id.decode("ascii"), req.accept,
+                                     not keep, _UPGRADE_TO_TLS)
+    else:
+        uri = req.raw_path if req.query is None else req.raw_path + b"?" + req.query
+        data = b"".join([
+            _status_line(status),
+            b"Location: https://", _forwarded_host(client, req), uri, CRLF,
+            b"Content-Length: 0\r\nServer: ", SERVER_TOKEN, CRLF,
+            b"X-Kong-Request-Id: ", req.request_id, CRLF,
+            b"" if keep else b"Connection: close\r\n",
+            CRLF,
+        ])
+    if client.transport is not None and not client.closed:
+        client.transport.write(data)
+    client.request_done(req, status, len(data), keep)
+
+
 cdef bytes _origin_form(bytes url):
     # absolute-form (RFC 9112 3.2.2): keep the path; the Host header stays authoritative.
     if url == b"*":
@@ -994,6 +1100,79 @@ cdef bytes _origin_form(bytes url):
         raise ClientError(400, "Bad request: invalid request target")
     cdef Py_ssize_t slash = url.find(b"/", scheme_end + 3)
     return url[slash:] if slash >= 0 else b"/"
+
+
+# ---------------------------------------------------------------------------
+# Labelled counters in shared memory (the stats socket and /metrics read them)
+
+cdef class SeriesRecorder:
+    def __init__(self, SeriesTable table, int slot) -> None:
+        self.table = table
+        self.slot = slot
+        self.routes = {}
+        self.codes = {}
+        self.targets = {}
+
+    cdef void record(self, Request req, int status, long long bytes_out) except *:
+        cdef Exchange exchange = req.exchange
+        cdef str service_label = ""
+        cdef str route_label = ""
+        cdef double now = _now()
+        cdef double total = now - req.t_start
+        cdef double upstream_time = 0.0
+        cdef bint answered = False
+        if exchange is not None:
+            route = exchange.route
+            service = route.service  # the route's own service, even when a fallback step answered
+            service_label = service.name or service.host
+            route_label = route.name or route.id
+            if exchange.t_head > 0:
+                upstream_time = exchange.t_head - exchange.t_sent
+                answered = exchange.status == status
+        cdef tuple key = (service_label, route_label)
+        index = self.routes.get(key)
+        if index is None:
+            index = self.table.series_index(self.slot, route_key(service_label, route_label), KIND_ROUTE)
+            self.routes[key] = index
+        cdef uint64_t* vec = self.table.vector(self.slot, index)
+        cdef int klass = status // 100
+        series_add(vec, R_REQUESTS, 1)
+        if 1 <= klass <= 5:
+            series_add(vec, R_STATUS_1XX + klass - 1, 1)
+        series_add(vec, R_BYTES_IN, <uint64_t>req.body_bytes)
+        series_add(vec, R_BYTES_OUT, <uint64_t>bytes_out)
+        series_observe(vec, R_REQUEST_LATENCY, <uint64_t>(total * 1e6))
+        if answered:
+            series_observe(vec, R_UPSTREAM_LATENCY, <uint64_t>(upstream_time * 1e6))
+        series_observe(vec, R_KONG_LATENCY, <uint64_t>(max(0.0, total - upstream_time) * 1e6))
+        cdef tuple ckey = (service_label, route_label, status, answered)
+        index = self.codes.get(ckey)
+        if index is None:
+            index = self.table.series_index(self.slot, code_key(service_label, route_label, status,
+                                                                "service" if answered else "kong"), KIND_CODE)
+            self.codes[ckey] = index
+        series_add(self.table.vector(self.slot, index), C_REQUESTS, 1)
+        if exchange is not None and exchange.upstream is not None and exchange.target >= 0:
+            vec = self._target_vector(exchange.upstream, exchange.target)
+            series_add(vec, T_REQUESTS, 1)
+            if answered:
+                series_add(vec, T_LATENCY_SUM_US, <uint64_t>(upstream_time * 1e6))
+                series_add(vec, T_LATENCY_COUNT, 1)
+                if exchange.passive_status is not None and 0 <= status < 600 and \
+                        (<const unsigned char*>PyBytes_AS_STRING(exchange.passive_status))[status] == 2:
+                    series_add(vec, T_STATUS_FAILURES, 1)
+
+    cdef void target_failure(self, object upstream, int index, bint timeout) except *:
+        series_add(self._target_vector(upstream, index), T_TIMEOUTS if timeout else T_CONNECT_FAILURES, 1)
+
+    cdef uint64_t* _target_vector(self, object upstream, int target) except NULL:
+        host, port, _ = upstream.targets[target]
+        cdef tuple key = (upstream.name, host, port)
+        index = self.targets.get(key)
+        if index is None:
+            index = self.table.series_index(self.slot, target_key(upstream.name, f"{host}:{port}"), KIND_TARGET)
+            self.targets[key] = index
+        return self.table.vector(self.slot, index)
 
 
 # ---------------------------------------------------------------------------
@@ -1126,7 +1305,14 @@ cdef class Exchange:
         if req.query is not None:
             path += b"?" + req.query
         self.head_line = req.method.encode("ascii") + b" " + path + b" HTTP/1.1\r\n"
+        cdef set replaced = None
+        cdef list added = None
+        pctx = self.pctx
+        if pctx is not None and pctx.upstream_headers:
+            replaced, added = _upstream_header_ops(pctx.upstream_headers)
         for name, value in req.headers:
+            if replaced is not None and name.lower() in replaced:
+                continue
             kind = _request_header(name)
             if kind != RQ_KEEP:
                 if kind == RQ_XFF:
@@ -1162,14 +1348,15 @@ cdef class Exchange:
             if colon >= 0 and host[colon + 1:].isdigit():
                 host = host[:colon]
             client.last_host_bytes = host.lower().encode("latin-1")
-            client.forwarded_block = (b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: " + client.last_host_bytes
-                                      + b"\r\nX-Forwarded-Path: ")
+            client.forwarded_block = ((b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: " if client.tls
+                                       else b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: ")
+                                      + client.last_host_bytes + b"\r\nX-Forwarded-Path: ")
         prefix = None
         if forwarded is None:
             parts += [client.forwarded_block, req.raw_path, CRLF]
         else:
             parts += [
-                b"X-Forwarded-Proto: ", forwarded.get(b"x-forwarded-proto", b"http"), CRLF,
+                b"X-Forwarded-Proto: ", forwarded.get(b"x-forwarded-proto", b"https" if client.tls else b"http"), CRLF,
                 b"X-Forwarded-Host: ", forwarded.get(b"x-forwarded-host", client.last_host_bytes), CRLF,
                 b"X-Forwarded-Path: ", forwarded.get(b"x-forwarded-path", req.raw_path), CRLF,
             ]
@@ -1186,9 +1373,11 @@ cdef class Exchange:
             parts += [b"Via: ", via, b", ", VIA_TOKEN, CRLF]
         parts += [b"X-Kong-Request-Id: ", req.request_id, CRLF]
         if forwarded is not None and b"x-forwarded-port" in forwarded:
-            parts.append(client.conn_block.replace(self.ctx.forwarded_port_line, b""))
+            parts.append(client.conn_block.replace(client.listener.forwarded_port_line, b""))
         else:
             parts.append(client.conn_block)
+        if added:
+            parts.extend(added)
         if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif req.content_length >= 0:
@@ -1228,12 +1417,13 @@ cdef class Exchange:
             ip = service.ip
             self.host_line = service.host_line
             self.sni = service.sni
-        if self.route.preserve_host and req.host:
+        if self.route.preserve_host and req.host and not self.in_fallback:
             self.host_line = b"Host: " + req.host.encode("latin-1") + CRLF
             if self.sni is not None:
                 self.sni = _strip_port(req.host)
         if ip is not None:
-            conn = self.client.pool.acquire((ip, self.target_port, self.sni))
+            conn = self.client.pool.acquire(
+                (ip, self.target_port, self.sni, None if self.sni is None else service.ssl_context))
             if conn is not None:
                 self._send(conn, True)
                 return
@@ -1243,7 +1433,10 @@ cdef class Exchange:
         self.conn = conn
         self.reused = reused
         service = self.service
-        conn.attach(self, service.read_timeout, service.write_timeout)
+        cdef double read_timeout = service.read_timeout
+        if self.pctx is not None and self.pctx.primary_timeout and not self.in_fallback:
+            read_timeout = min(read_timeout, self.pctx.primary_timeout)
+        conn.attach(self, read_timeout, service.write_timeout)
         cdef Request req = self.req
         cdef list parts = [self.head_line, self.host_line, self.head_rest]
         cdef bytes chunk
@@ -1294,11 +1487,15 @@ cdef class Exchange:
         self.client.stats.add(F_UPSTREAM_TIMEOUTS if timeout else F_UPSTREAM_CONNECT_ERRORS, 1)
         if self.passive_status is not None and self.target >= 0:
             self.client.health.report(self.upstream, self.target, OUTCOME_TIMEOUT if timeout else OUTCOME_TCP_FAILURE)
+        if self.client.series is not None and self.upstream is not None and self.target >= 0:
+            self.client.series.target_failure(self.upstream, self.target, timeout)
         self._end_target()
         cdef Request req = self.req
         cdef bint retryable = self.tries_left > 0 and (
             not sent or (req.method in IDEMPOTENT and req.replayable)
         )
+        if timeout and self.pctx is not None and self.pctx.no_timeout_retry and not self.in_fallback:
+            retryable = False
         if retryable:
             self.tries_left -= 1
             self.client.stats.add(F_RETRIES, 1)
@@ -1309,10 +1506,69 @@ cdef class Exchange:
             self.streaming = False
             self._attempt()
             return
+        if self.chain is not None and self.chain.response:
+            self.pctx.failure = "timeout" if timeout else "connect"
+            self.pctx.request_sent = sent
+            if self._plugins_take_over(504 if timeout else 502, []):
+                return
         if timeout:
             self._fail(504, http11.MSG_TIMEOUT)
         else:
             self._fail(502, http11.MSG_BAD_GATEWAY)
+
+    cdef bint _plugins_take_over(self, int status, list headers) except -1:
+        """Response phase: True when a plugin replaced the answer (its own, or a fallback step's)."""
+        pctx = self.pctx
+        cdef Request req = self.req
+        pctx.upstream_status = status if pctx.failure is None else 0
+        pctx.replayable = req.replayable and (req.body_done or not req.has_body)
+        pctx.body_bytes = req.body_bytes
+        if not plugin_chain.run_response(self.chain, pctx, status, headers):
+            return False
+        self._replace_answer()
+        return True
+
+    cdef void _replace_answer(self) except *:
+        self._end_target()
+        pctx = self.pctx
+        pctx.failure = None
+        if pctx.fallback_step is not None:
+            step, pctx.fallback_step = pctx.fallback_step, None
+            self.switch_to(step.service, step.path)
+            return
+        self.done = True
+        self.client.plugin_exit(self.req)
+
+    cdef void switch_to(self, object dest, object path) except *:
+        """Send the request to another destination (a fallback step): a fresh set of tries there."""
+        cdef Request req = self.req
+        self.in_fallback = True
+        self.pctx.in_fallback = True
+        self.service = dest
+        upstream = dest.upstream
+        self.upstream = upstream
+        self.balancer = upstream.balancer if upstream is not None else None
+        self.health_checked = upstream is not None and len(upstream.health_slots) > 0
+        self.passive_status = upstream.passive_status if upstream is not None else None
+        self.hash_value = None
+        self.tries_left = dest.retries
+        self.excluded = None
+        self.target = -1
+        self.picked = False
+        self.stale_retry_done = False
+        self.streaming = False
+        self.status = 0
+        self.chunked_out = False
+        self.close_delimited = False
+        self.upstream_keep_alive = False
+        self.out = []
+        self.bytes_out = 0
+        if path is not None:
+            raw = path.encode("utf-8", "surrogateescape")
+            if req.query is not None:
+                raw += b"?" + req.query
+            self.head_line = req.method.encode("ascii") + b" " + raw + b" HTTP/1.1\r\n"
+        self._attempt()
 
     cdef void _release_target(self) except *:
         # Exactly one release per pick (least-connections counts in-flight requests).
@@ -1344,9 +1600,23 @@ cdef class Exchange:
         self.upstream_keep_alive = keep_alive
         cdef Request req = self.req
         cdef list parts = self.out
+        cdef list plugin_headers = None
+        chain = self.chain
+        if chain is not None and (chain.response or chain.header_filter):
+            plugin_headers = _head_pairs(buf, start, end)
+            if chain.response:
+                self.pctx.failure = None
+                self.pctx.request_sent = True
+                if self._plugins_take_over(status, plugin_headers):
+                    return
         cdef _ResponseHead head = _scan_response_head(buf, start, end, None)
         if head.connection_named is not None:
             head = _scan_response_head(buf, start, end, head.connection_named)
+        if chain is not None and chain.header_filter:
+            self.pctx.upstream_status = status
+            plugin_chain.run_header_filter(chain, self.pctx, status, plugin_headers)
+            if self.pctx.response_headers:
+                head.kept = _apply_response_ops(head.kept, self.pctx.response_headers)
         cdef bytes content_length = head.content_length
         cdef bint chunked_up = head.chunked
         cdef bytes via = head.via
@@ -1398,6 +1668,10 @@ cdef class Exchange:
     cdef void on_upstream_body(self, bytes data) except *:
         if self.done:
             return
+        if self.chain is not None and self.chain.body_filter:
+            data = plugin_chain.run_body_filter(self.chain, self.pctx, data, False)
+            if not data:
+                return
         self.bytes_out += PyBytes_GET_SIZE(data)
         if PyBytes_GET_SIZE(data) > 4096:
             self.out_large = True
@@ -1424,6 +1698,14 @@ cdef class Exchange:
     cdef void on_upstream_complete(self, UpstreamConnection conn) except *:
         if self.done:
             return
+        if self.chain is not None and self.chain.body_filter:
+            tail = plugin_chain.run_body_filter(self.chain, self.pctx, b"", True)
+            if tail:
+                self.bytes_out += len(tail)
+                if self.chunked_out:
+                    _append_chunk(self.out, tail)
+                else:
+                    self.out.append(tail)
         if self.chunked_out:
             self.out.append(CHUNK_END)
         self.on_upstream_flush()
@@ -1463,6 +1745,8 @@ cdef class Exchange:
             self._finish(self.client_keep_alive)
             return
         # The stream broke after it started: the client must see an incomplete answer.
+        if self.pctx is not None:
+            self.pctx.aborted = True
         log.warning("upstream %s:%d %s in the middle of an answer to %s %s", self.target_host, self.target_port,
                     "timed out" if reason == LOST_TIMEOUT else "closed", self.req.method, self.req.path)
         self.on_upstream_flush()
@@ -1511,7 +1795,7 @@ async def _connect(Exchange ex, bint fresh):
         if not ex.done:
             ex._fail(503, http11.MSG_NAME_RESOLUTION)
         return
-    key = (ip, ex.target_port, ex.sni)
+    key = (ip, ex.target_port, ex.sni, None if ex.sni is None else ex.service.ssl_context)
     if not fresh and not ex.done:
         conn = ex.client.pool.acquire(key)
         if conn is not None:
@@ -1523,6 +1807,12 @@ async def _connect(Exchange ex, bint fresh):
         if not ex.done:
             log.warning("connect to %s:%d timed out", ip, ex.target_port)
             ex._attempt_failed(True, False)
+        return
+    except ssl.SSLCertVerificationError as exc:
+        if not ex.done:
+            log.error("upstream TLS: the certificate of %s (%s:%d) failed verification: %s", ex.sni, ip,
+                      ex.target_port, exc.verify_message or exc)
+            ex._attempt_failed(False, False)
         return
     except (OSError, ssl.SSLError) as exc:
         if not ex.done:
@@ -1583,3 +1873,71 @@ def _cookie(Request req, str name) -> object:
             if k == name:
                 return v
     return None
+
+
+# ---------------------------------------------------------------------------
+# Plugin glue (only requests on routes with plugins come here)
+
+def _plugin_context(ClientProtocol client, Request req, RouteMatch match, route: object, service: object) -> object:
+    pctx = PluginContext()
+    pctx.method = req.method
+    pctx.path = req.path
+    pctx.raw_path = req.raw_path
+    pctx.query = req.query
+    pctx.host = req.host
+    pctx.headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
+    pctx.client_ip = client.peer_ip
+    pctx.route_id = route.id
+    pctx.route_name = route.name
+    pctx.service_id = service.id
+    pctx.service_name = service.name
+    pctx.request_id = req.request_id.decode("ascii")
+    pctx.started_at = req.t_start
+    pctx.original_path = match.upstream_path
+    return pctx
+
+
+def _plugin_log(Request req, int status, long long bytes_out) -> None:
+    pctx = req.plugin_ctx
+    req.plugin_ctx = None
+    pctx.status = status
+    pctx.bytes_out = bytes_out
+    pctx.latency_ms = (_now() - req.t_start) * 1000.0
+    plugin_chain.run_log(req.plugin_chain, pctx)
+
+
+def _upstream_header_ops(list ops) -> tuple:
+    """Plugins' set/clear of upstream request headers: names to drop from the client's, lines to add."""
+    replaced = set()
+    added = {}
+    for name, value in ops:
+        key = name.lower().encode("latin-1")
+        replaced.add(key)
+        if value is None:
+            added.pop(key, None)
+        else:
+            added[key] = name.encode("latin-1") + b": " + value.encode("latin-1") + CRLF
+    return replaced, list(added.values())
+
+
+def _head_pairs(bytes buf, Py_ssize_t start, Py_ssize_t end) -> list:
+    """The upstream answer's headers as (name, value) strings, for plugins."""
+    lines = buf[start:end].decode("latin-1").split("\r\n")[1:]
+    pairs = []
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def _apply_response_ops(list kept, list ops) -> list:
+    """Apply header_filter's set/add/clear to the header lines about to be sent."""
+    lines = [line for line in b"".join(kept).split(CRLF) if line]
+    for op, name, value in ops:
+        lower = name.lower().encode("latin-1")
+        if op in ("set", "clear"):
+            lines = [line for line in lines if line.split(b":", 1)[0].strip().lower() != lower]
+        if op in ("set", "add") and value is not None:
+            lines.append(name.encode("latin-1") + b": " + value.encode("latin-1"))
+    return [line + CRLF for line in lines]

@@ -6,11 +6,14 @@ from the balancers' per-worker state (wheel pointer, connection counts, EWMA).
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 import ssl
 from typing import TYPE_CHECKING, Any
 
 from fastpath.balancer import Balancer
 from fastpath.router import RouteSpec, Router
+from ringgate.plugins.base import Node
+from ringgate.plugins.chain import Chain, chain_for, instantiate
 from shared_state import health_rules
 from shared_state.health import HealthPolicy, HealthTable
 from shared_state.health import policy_for as health_policy
@@ -114,7 +117,8 @@ def _status_verdicts(passive: Any) -> bytes:
     for status in passive.healthy.http_statuses:
         table[status] = 1
     for status in passive.unhealthy.http_statuses:
-        table[status] = 2  # listed in both: the failure wins, as a target that answers it is in trouble
+        if not table[status]:
+            table[status] = 2  # listed in both: Kong checks the healthy list first
     return bytes(table)
 
 
@@ -136,7 +140,7 @@ class ServiceRuntime:
                  "write_timeout", "read_timeout", "upstream", "ssl_context", "default_host_header",
                  "ip", "host_line", "sni", "target_host_lines", "target_snis")
 
-    def __init__(self, service: Any, upstream: UpstreamRuntime | None) -> None:
+    def __init__(self, service: Any, upstream: UpstreamRuntime | None, trusted_cas: tuple[str, ...] = ()) -> None:
         self.id: str = service.id
         self.name: str | None = service.name
         self.scheme: str = service.protocol
@@ -149,7 +153,7 @@ class ServiceRuntime:
         self.write_timeout: float = service.write_timeout / 1000.0
         self.read_timeout: float = service.read_timeout / 1000.0
         self.upstream = upstream
-        self.ssl_context: ssl.SSLContext | None = _client_tls(service) if self.scheme == "https" else None
+        self.ssl_context: ssl.SSLContext | None = _client_tls(service, trusted_cas) if self.scheme == "https" else None
         self.default_host_header: str = host_header_value(self.host, self.port, self.scheme)
         # What each attempt needs, built once: the Host line and TLS name per target (Kong's rules:
         # upstream host_header, else the target host; :port unless it is the scheme's default).
@@ -185,40 +189,79 @@ def _sni(host_header: str) -> str:
     return host.strip("[]")
 
 
-def _client_tls(service: Any) -> ssl.SSLContext:
-    # tls_verify null/false = nginx's proxy_ssl_verify off, Kong's default.
-    if service.tls_verify:
-        ctx = ssl.create_default_context()
+# Client contexts by (verify, trusted CA PEMs), shared by services and config generations: the system
+# store is read once per worker, and pooled upstream connections (keyed by context) survive reloads.
+_CLIENT_CONTEXTS: dict[tuple[bool, tuple[str, ...]], ssl.SSLContext] = {}
+
+
+def _client_tls(service: Any, trusted_cas: tuple[str, ...] = ()) -> ssl.SSLContext:
+    # tls_verify null/false = nginx's proxy_ssl_verify off, Kong's default. When on, the service's
+    # ca_certificates are the whole trust store (Kong's rule); without any, the system store.
+    verify = bool(service.tls_verify)
+    key = (verify, trusted_cas if verify else ())
+    ctx = _CLIENT_CONTEXTS.get(key)
+    if ctx is not None:
+        return ctx
+    if verify:
+        if service.ca_certificates and not trusted_cas:
+            # Every listed CA is missing: trust nothing rather than fall back to the system store.
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        else:
+            ctx = ssl.create_default_context(cadata="\n".join(trusted_cas) if trusted_cas else None)
     else:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["http/1.1"])
+    if len(_CLIENT_CONTEXTS) >= 64:
+        _CLIENT_CONTEXTS.clear()
+    _CLIENT_CONTEXTS[key] = ctx
     return ctx
 
 
-class RouteRuntime:
-    __slots__ = ("id", "name", "service", "preserve_host", "protocols")
+def _trusted_cas(config: "Config", service: Any) -> tuple[str, ...]:
+    """The PEMs of the service's ca_certificates (an id the config lacks is logged and left out)."""
+    if not service.ca_certificates:
+        return ()
+    by_id = {ca.id: ca.cert for ca in config.ca_certificates}
+    missing = [ca_id for ca_id in service.ca_certificates if ca_id not in by_id]
+    if missing:
+        log.error("service %s: ca_certificates %s not found; upstream certificates signed by them will fail "
+                  "verification", service.name or service.id, ", ".join(missing))
+    return tuple(by_id[ca_id] for ca_id in service.ca_certificates if ca_id in by_id)
 
-    def __init__(self, route: Any, service: ServiceRuntime | None) -> None:
+
+class RouteRuntime:
+    __slots__ = ("id", "name", "service", "preserve_host", "protocols", "plugins", "https_only",
+                 "https_redirect_status_code")
+
+    def __init__(self, route: Any, service: ServiceRuntime | None, plugins: Chain | None = None) -> None:
         self.id: str = route.id
         self.name: str | None = route.name
         self.service = service
+        self.plugins = plugins  # None: no plugin applies, the request path skips every phase
         self.preserve_host: bool = route.preserve_host
         self.protocols: tuple[str, ...] = tuple(route.protocols)
+        # Kong: a route with https but not http answers plain-http requests with 426 or a redirect.
+        self.https_only: bool = "https" in self.protocols and "http" not in self.protocols
+        self.https_redirect_status_code: int = route.https_redirect_status_code
 
 
 class Runtime:
     """Everything a worker needs to serve one config generation."""
 
-    __slots__ = ("router", "services", "upstreams", "config_hash", "header_names", "checked")
+    __slots__ = ("router", "services", "upstreams", "config_hash", "header_names", "checked", "node")
 
-    def __init__(self, config: "Config", health: HealthTable | None = None) -> None:
+    def __init__(self, config: "Config", health: HealthTable | None = None, node: Node | None = None) -> None:
+        self.node = node if node is not None else Node(health=health)
+        self.node.runtime = self
         self.upstreams: dict[str, UpstreamRuntime] = {u.name: UpstreamRuntime(u, health) for u in config.upstreams}
         self.checked: tuple[UpstreamRuntime, ...] = tuple(u for u in self.upstreams.values() if u.health_slots)
         self.services: dict[str, ServiceRuntime] = {}
         for service in config.services:
-            self.services[service.id] = ServiceRuntime(service, self.upstreams.get(service.host))
+            self.services[service.id] = ServiceRuntime(service, self.upstreams.get(service.host),
+                                                       _trusted_cas(config, service))
+        instances = instantiate(config, self.node) if config.plugins else {}
         specs = []
         for route in config.routes:
             service = self.services.get(route.service) if route.service else None
@@ -233,7 +276,9 @@ class Runtime:
                 # Kong's traditional_compatible router joins paths the v0 way whatever path_handling says.
                 preserve_host=route.preserve_host, path_handling="v0",
                 service_path=service.path if service is not None else None,
-                protocols=tuple(route.protocols), payload=RouteRuntime(route, service),
+                protocols=tuple(route.protocols), snis=route.snis,
+                payload=RouteRuntime(route, service, chain_for(config, instances, route.id, route.service)
+                                     if instances else None),
             ))
         self.router = Router(specs)
         self.header_names: frozenset[str] = self.router.header_names
@@ -242,3 +287,24 @@ class Runtime:
 
 def _service_enabled(config: "Config", service_id: str) -> bool:
     return bool(config.service(service_id).enabled)
+
+
+def make_destination(runtime: "Runtime | None", *, scheme: str, host: str, port: int, tls_verify: bool,
+                     sni: str | None, upstream: str | None, retries: int) -> ServiceRuntime | None:
+    """A place a plugin sends a request to (a fallback step): a server, or a configured upstream."""
+    upstream_runtime = None
+    if upstream is not None:
+        upstream_runtime = runtime.upstreams.get(upstream) if runtime is not None else None
+        if upstream_runtime is None:
+            return None
+    service = SimpleNamespace(
+        id=f"fallback:{upstream or host}:{port}", name=f"fallback {upstream or host}:{port}", protocol=scheme,
+        host=upstream or host, port=port, path=None, retries=retries,
+        # Kong's service defaults; a backup is bounded like any service.
+        connect_timeout=60000, write_timeout=60000, read_timeout=60000, tls_verify=tls_verify,
+        ca_certificates=None, client_certificate=None,
+    )
+    destination = ServiceRuntime(service, upstream_runtime)
+    if sni and destination.ssl_context is not None:
+        destination.sni = sni
+    return destination

@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import uvloop
@@ -17,25 +19,55 @@ from ringgate.config.store import load_snapshot
 from shared_state import arena as arena_fields
 from workers.child import prepare_child, report_ready
 from shared_state.health import HealthTable
-from workers.proxy import ClientProtocol, HealthSync, UpstreamPool, reset_request_ids
+from workers.proxy import ClientProtocol, HealthSync, SeriesRecorder, UpstreamPool, reset_request_ids
 from workers.resolver import Resolver
-from workers.runtime import Runtime
+from ringgate.plugins.base import Node
+from workers.runtime import Runtime, make_destination
 
 if TYPE_CHECKING:
     from ringgate.config import Config
-    from ringgate.settings import Settings
+    from ringgate.settings import ListenSpec, Settings
+    from ringgate.tls import CertificateStore, CurrentStore
     from shared_state.arena import Arena, WorkerStats
+    from workers.shm import NodeMemory
 
 log = logging.getLogger("ringgate.worker")
 
 # How often a worker looks at the arena's config generation (a reload reaches it within this).
 GENERATION_POLL = 0.1
 
+def worker_node(slot: int, settings: "Settings", health: HealthTable | None,
+                memory: "NodeMemory | None") -> Node:
+    """What this worker's plugins may use: shared memory and a way to address fallback destinations."""
+    node = Node(health=health, worker=slot, prefix=settings.prefix)
+    if memory is not None:
+        node.shdict = memory.shdict
+        node.cache = memory.cache
+    node.destination = lambda **kwargs: make_destination(node.runtime, **kwargs)
+    return node
+
+
+class Listener:
+    """One proxy listening socket as its connections see it: the port routes and X-Forwarded-Port
+    use, whether it serves TLS, and the upstream header lines that follow from it, built once."""
+
+    __slots__ = ("port", "tls", "forwarded_port_line", "constant_upstream_headers")
+
+    def __init__(self, port: int, tls: bool = False) -> None:
+        self.port = port
+        self.tls = tls
+        self.forwarded_port_line = b"X-Forwarded-Port: %d\r\n" % port
+        self.constant_upstream_headers = self.forwarded_port_line + b"Connection: keep-alive\r\n"
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.port}{' ssl' if self.tls else ''}>"
+
+
 class WorkerContext:
     """State shared by every connection of one worker."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settings: "Settings", runtime: Runtime,
-                 stats: "WorkerStats", listen_port: int, generation: int = 0,
+                 stats: "WorkerStats", listeners: "list[Listener] | int", generation: int = 0,
                  health: HealthTable | None = None) -> None:
         self.loop = loop
         self.generation = generation
@@ -43,12 +75,18 @@ class WorkerContext:
         self.runtime = runtime
         self.stats = stats
         self.health_table = health if health is not None else HealthTable(1)
+        self.series: SeriesRecorder | None = None  # set by run_worker when the node maps the series table
         self.health = HealthSync(self.health_table, self)
-        self.listen_port = listen_port
-        self.listen_port_bytes = str(listen_port).encode()
-        # Upstream request headers that are the same for every request of this worker.
-        self.forwarded_port_line = b"X-Forwarded-Port: " + self.listen_port_bytes + b"\r\n"
-        self.constant_upstream_headers = self.forwarded_port_line + b"Connection: keep-alive\r\n"
+        self.listeners: list[Listener] = [Listener(listeners)] if isinstance(listeners, int) else listeners
+        # The first listener's values, for connections made without one (ClientProtocol(ctx)).
+        first = self.listeners[0]
+        self.listen_port = first.port
+        self.listen_port_bytes = str(first.port).encode()
+        self.forwarded_port_line = first.forwarded_port_line
+        self.constant_upstream_headers = first.constant_upstream_headers
+        # TLS listeners: the certificates their SNI callback reads (swapped on reload), and what they were built from.
+        self.certificates: CurrentStore | None = None
+        self.certificates_source: tuple[object, ...] = ()
         self.pool = UpstreamPool(loop, settings)
         self.resolver = Resolver(loop)
         self.connections: set[ClientProtocol] = set()
@@ -73,27 +111,72 @@ class WorkerContext:
         return known
 
 
-def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket.socket, arena: "Arena",
-               ready_fd: int, health: HealthTable | None = None) -> int:
-    """Serve until told to stop; returns the process exit status."""
+def _tls_context(ctx: WorkerContext, config: "Config", certificates: "CertificateStore | None") -> ssl.SSLContext:
+    """The TLS listeners' context: its SNI callback reads `ctx.certificates`, which reloads replace."""
+    from ringgate.tls import CurrentStore, certificates_fingerprint, node_store, server_context
+    ctx.certificates = CurrentStore(certificates if certificates is not None else node_store(config, ctx.settings.prefix))
+    ctx.certificates_source = certificates_fingerprint(config)
+    return server_context(ctx.certificates)
+
+
+def _reload_certificates(ctx: WorkerContext, config: "Config") -> None:
+    """New handshakes get the new certificates; connections already open keep theirs."""
+    from ringgate.tls import certificates_fingerprint, node_store
+    source = certificates_fingerprint(config)
+    if ctx.certificates is None or source == ctx.certificates_source:
+        return
+    try:
+        store = node_store(config, ctx.settings.prefix)
+    except Exception:
+        log.exception("could not load the certificates of the new config; the previous ones stay")
+        return
+    ctx.certificates.replace(store)
+    ctx.certificates_source = source
+    log.info("TLS certificates reloaded (%d configured)", len(store.certificates))
+
+
+def run_worker(slot: int, settings: "Settings", config: "Config",
+               listen: "list[tuple[ListenSpec, socket.socket]] | socket.socket", arena: "Arena",
+               ready_fd: int, health: HealthTable | None = None,
+               certificates: "CertificateStore | None" = None, memory: "NodeMemory | None" = None) -> int:
+    """Serve until told to stop; returns the process exit status.
+
+    `listen`: the proxy sockets the master bound, each with its listen entry (a bare socket is one
+    plain listener). `certificates`: the store the master built for this config, if it did.
+    """
     prepare_child()
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     stats = arena.worker_stats(slot)
     stats.set(arena_fields.PID, os.getpid())
     stats.set(arena_fields.STARTED_AT_MS, int(time.time() * 1000))
-    ctx = WorkerContext(loop, settings, Runtime(config, health), stats, listen.getsockname()[1], arena.generation,
-                        health)
-    server = loop.run_until_complete(
-        loop.create_server(lambda: ClientProtocol(ctx), sock=listen, backlog=4096)
-    )
+    sockets = [(None, listen)] if isinstance(listen, socket.socket) else listen
+    listeners = [Listener(sock.getsockname()[1], spec is not None and spec.ssl) for spec, sock in sockets]
+    node = worker_node(slot, settings, health, memory)
+    ctx = WorkerContext(loop, settings, Runtime(config, health, node), stats, listeners, arena.generation, health)
+    ctx.series = SeriesRecorder(memory.series, slot) if memory is not None else None
+    tls_context = _tls_context(ctx, config, certificates) if any(lst.tls for lst in listeners) else None
+
+    def protocol_factory(listener: Listener) -> Callable[[], ClientProtocol]:
+        return lambda: ClientProtocol(ctx, listener)
+
+    servers = []
+    for (spec, sock), listener in zip(sockets, listeners):
+        backlog = spec.backlog if spec is not None and spec.backlog is not None else 4096
+        tls = tls_context if listener.tls else None
+        servers.append(loop.run_until_complete(loop.create_server(
+            protocol_factory(listener), sock=sock, backlog=backlog, ssl=tls,
+            # nginx bounds the handshake by client_header_timeout (its ssl_handshake_timeout default, 60 s).
+            ssl_handshake_timeout=settings.client_header_timeout if tls is not None else None,
+        )))
     stopped = asyncio.Event()
 
     def begin_drain() -> None:
         if ctx.draining:
             return
         ctx.draining = True
-        server.close()
+        for server in servers:
+            server.close()
         for conn in list(ctx.connections):
             conn.close_if_idle()
         deadline = loop.time() + settings.drain_timeout
@@ -115,10 +198,13 @@ def run_worker(slot: int, settings: "Settings", config: "Config", listen: socket
         if generation != ctx.generation:
             ctx.generation = generation
             try:
-                ctx.runtime = Runtime(load_snapshot(settings.prefix), ctx.health_table)
+                config = load_snapshot(settings.prefix)
+                ctx.runtime = Runtime(config, ctx.health_table, node)
                 log.info("config generation %d in service (%s)", generation, ctx.runtime.config_hash)
             except Exception:
                 log.exception("could not load config generation %d; the previous tables stay", generation)
+            else:
+                _reload_certificates(ctx, config)
         loop.call_later(GENERATION_POLL, watch_generation)
 
     def heartbeat() -> None:

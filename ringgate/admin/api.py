@@ -56,6 +56,7 @@ class AdminContext:
     clock: Callable[[], float] = time.time
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     health: Any = None  # shared_state.health.HealthTable: node-wide target health
+    stats: Any = None   # ringgate.stats.StatsSource: the stats document (/metrics, the stats socket)
 
     def now(self) -> int:
         return int(self.clock())

@@ -21,6 +21,7 @@ _PREFLIGHT_HEADERS = "Content-Type, Authorization, Kong-Admin-Token"
 ROUTES: list[Route] = [
     route("/", GET=node.info),
     route("/status", GET=node.status),
+    route("/metrics", GET=node.metrics),
     route("/config", GET=declarative.export, POST=declarative.replace),
     route("/upstreams/{upstream}/health", GET=health.get_health),
     route("/upstreams/{upstream}/targets/{target}/healthy", PUT=health.put_healthy),

@@ -1,12 +1,14 @@
 """Entity endpoints: URL -> (kind, key, scope); body -> fields; write -> validate -> persist -> answer.
 
-For every kind (services, routes, upstreams, targets, plugins) and every reference it holds,
-the same endpoints Kong generates:
+For every kind (services, routes, upstreams, targets, plugins, certificates, snis, ca_certificates)
+and every reference it holds, the same endpoints Kong generates:
   /{kind}                       GET (page), POST
   /{kind}/{key}                 GET, PATCH, PUT, DELETE
   /{parent}/{p}/{kind}          GET, POST            e.g. /services/{s}/routes
   /{parent}/{p}/{kind}/{key}    GET, PATCH, PUT, DELETE
   /{kind}/{key}/{reference}     GET, PATCH, PUT, DELETE   e.g. /routes/{r}/service
+Certificates add Kong's twists (ringgate.admin.certificates): named by id or by one of their SNIs,
+and the `snis` pseudo-field on every write and answer.
 """
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from ringgate.admin import entities, errors
+from ringgate.admin import certificates, entities, errors
 from ringgate.admin.api import AdminContext, Request, Response, Route, route
 from ringgate.admin.entities import KINDS, Document, EntityData, Kind, Scope, Written
 from ringgate.admin.forms import coerce, decode_body
 from ringgate.admin.state import Snapshot
 from ringgate.config import ConfigError, load_dict
-from ringgate.config.schema import plugin_config_model
+from ringgate.config.schema import is_uuid, plugin_config_model
 
 SOURCE = "admin API"
 
@@ -54,7 +56,8 @@ class Endpoints:
         items = [item for item in entities.entries(document, self.kind.collection)
                  if (scope is None or scope.holds(item)) and matches(item)]
         page = entities.page(items, request.query.get("size"), request.query.get("offset"))
-        body: dict[str, Any] = {"data": [entities.present(self.kind, item) for item in page.data], "next": None}
+        body: dict[str, Any] = {"data": [entities.present(self.kind, item, document) for item in page.data],
+                                "next": None}
         if page.offset is not None:
             following = f"{request.path}?offset={quote(page.offset)}"
             for name in ("size", "tags"):
@@ -67,7 +70,7 @@ class Endpoints:
     def get(self, context: AdminContext, request: Request, params: dict[str, str]) -> Response:
         document = context.state.snapshot.document
         entity = entities.require(document, self.kind, params["key"], self._scope(document, params))
-        return Response(200, entities.present(self.kind, entity))
+        return Response(200, entities.present(self.kind, entity, document))
 
     def create(self, context: AdminContext, request: Request, params: dict[str, str]) -> Response:
         body = read_fields(self.kind, request)
@@ -142,23 +145,29 @@ class ReferencedEndpoints:
         target = entities.by_id(document, self.target.collection, self._target_id(document, params))
         if target is None:
             raise errors.not_found()
-        return Response(200, entities.present(self.target, target))
+        return Response(200, entities.present(self.target, target, document))
 
     def patch(self, context: AdminContext, request: Request, params: dict[str, str]) -> Response:
         body = read_fields(self.target, request)
+        names = certificates.take_names(body) if self.target.collection == "certificates" else None
 
         def operation(document: Document) -> Written:
-            return entities.update(document, self.target, self._target_id(document, params), body,
-                                   now=context.now())
+            written = entities.update(document, self.target, self._target_id(document, params), body,
+                                      now=context.now())
+            return certificates.with_names(written, names, now=context.now(), new_id=context.new_id)
 
         return _answer(self.target, 200, *commit(context, operation))
 
     def put(self, context: AdminContext, request: Request, params: dict[str, str]) -> Response:
         body = read_fields(self.target, request)
+        names = certificates.take_names(body) if self.target.collection == "certificates" else None
+        if self.target.collection == "certificates" and names is None:
+            names = []  # PUT replaces the whole certificate, its SNIs included
 
         def operation(document: Document) -> Written:
-            return entities.upsert(document, self.target, self._target_id(document, params), body,
-                                   now=context.now(), new_id=context.new_id)
+            written = entities.upsert(document, self.target, self._target_id(document, params), body,
+                                      now=context.now(), new_id=context.new_id)
+            return certificates.with_names(written, names, now=context.now(), new_id=context.new_id)
 
         return _answer(self.target, 200, *commit(context, operation))
 
@@ -171,10 +180,62 @@ class ReferencedEndpoints:
                       GET=self.get, PATCH=self.patch, PUT=self.put, DELETE=self.delete)]
 
 
+class CertificateEndpoints(Endpoints):
+    """/certificates and /certificates/{id or SNI name}: Kong's `snis` pseudo-field on writes.
+
+    As in Kong, a URL naming an SNI that does not exist answers 404 "SNI not found", except PUT,
+    which creates a certificate served for that name.
+    """
+
+    def create(self, context: AdminContext, request: Request, params: dict[str, str]) -> Response:
+        body = read_fields(self.kind, request)
+        names = certificates.take_names(body)
+
+        def operation(document: Document) -> Written:
+            written = entities.create(document, self.kind, body, now=context.now(), new_id=context.new_id)
+            return certificates.with_names(written, names, now=context.now(), new_id=context.new_id)
+
+        return _answer(self.kind, 201, *commit(context, operation))
+
+    def patch(self, context: AdminContext, request: Request, params: dict[str, str]) -> Response:
+        body = read_fields(self.kind, request)
+        names = certificates.take_names(body)
+
+        def operation(document: Document) -> Written:
+            written = entities.update(document, self.kind, params["key"], body, now=context.now())
+            return certificates.with_names(written, names, now=context.now(), new_id=context.new_id)
+
+        return _answer(self.kind, 200, *commit(context, operation))
+
+    def put(self, context: AdminContext, request: Request, params: dict[str, str]) -> Response:
+        body = read_fields(self.kind, request)
+        key = params["key"]
+        names = certificates.take_names(body) or []  # without `snis`, PUT leaves the certificate none
+        if not is_uuid(key):
+            # Named by an SNI: that name stays (or becomes) one the certificate is served for. Kong
+            # drops it when the body has no `snis`; keeping it is what a PUT to that URL asks for.
+            names = certificates.take_names({certificates.FIELD: sorted({*names, key})}) or []
+
+        def operation(document: Document) -> Written:
+            found = entities.find(document, self.kind, key)
+            entity_id = found[1]["id"] if found is not None else key if is_uuid(key) else context.new_id()
+            written = entities.upsert(document, self.kind, entity_id, body, now=context.now(),
+                                      new_id=context.new_id)
+            return certificates.with_names(written, names, now=context.now(), new_id=context.new_id)
+
+        return _answer(self.kind, 200, *commit(context, operation))
+
+    def delete(self, context: AdminContext, request: Request, params: dict[str, str]) -> Response:
+        if not is_uuid(params["key"]):
+            entities.require(context.state.snapshot.document, self.kind, params["key"])  # "SNI not found"
+        return super().delete(context, request, params)
+
+
 def routes() -> list[Route]:
     table: list[Route] = []
     for kind in KINDS.values():
-        table += Endpoints(kind).routes()
+        top = CertificateEndpoints(kind) if kind.collection == "certificates" else Endpoints(kind)
+        table += top.routes()
         for field_name, collection in kind.references:
             table += Endpoints(kind, Nesting(KINDS[collection], field_name)).routes()
             table += ReferencedEndpoints(kind, field_name, KINDS[collection]).routes()
@@ -222,7 +283,7 @@ def _answer(kind: Kind, status: int, snapshot: Snapshot, written: Written | None
     entity = entities.by_id(snapshot.document, kind.collection, written.entity_id)
     if entity is None:
         raise errors.not_found()
-    return Response(status, entities.present(kind, entity))
+    return Response(status, entities.present(kind, entity, snapshot.document))
 
 
 def _tag_filter(tags: str | None) -> Callable[[EntityData], bool]:

@@ -21,7 +21,19 @@ from typing import Any, Final
 from pydantic_core import PydanticCustomError
 
 from ringgate.admin import errors
-from ringgate.config.schema import Entity, Plugin, Route, Service, Target, Upstream, is_uuid, normalize_target
+from ringgate.config.schema import (
+    CACertificate,
+    Certificate,
+    Entity,
+    Plugin,
+    Route,
+    ServerName,
+    Service,
+    Target,
+    Upstream,
+    is_uuid,
+    normalize_target,
+)
 
 Document = dict[str, Any]
 EntityData = dict[str, Any]
@@ -52,13 +64,18 @@ KINDS: Final = {
         Kind("upstreams", Upstream, "name", records=("healthchecks",)),
         Kind("targets", Target, "target", (("upstream", "upstreams"),)),
         Kind("plugins", Plugin, "instance_name", (("service", "services"), ("route", "routes")), ("config",)),
+        # A certificate has no endpoint key of its own: a URL may name it by one of its SNIs instead.
+        Kind("certificates", Certificate, None),
+        Kind("snis", ServerName, "name", (("certificate", "certificates"),)),
+        Kind("ca_certificates", CACertificate, None),
     )
 }
 
 # Who points at whom, and what Kong does when the pointed-at entity is deleted.
 _CASCADES: Final = {"services": (("plugins", "service"),), "routes": (("plugins", "route"),),
-                    "upstreams": (("targets", "upstream"),)}
-_RESTRICTS: Final = {"services": (("routes", "service"),)}
+                    "upstreams": (("targets", "upstream"),), "certificates": (("snis", "certificate"),)}
+_RESTRICTS: Final = {"services": (("routes", "service"),),
+                     "certificates": (("services", "client_certificate"), ("upstreams", "client_certificate"))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +116,15 @@ def entries(document: Document, collection: str) -> list[EntityData]:
 
 
 def find(document: Document, kind: Kind, key: str, scope: Scope | None = None) -> tuple[int, EntityData] | None:
-    """The entity named by `key` (its id, or its endpoint key), within `scope` when given."""
+    """The entity named by `key` (its id, or its endpoint key), within `scope` when given.
+
+    A certificate is named by its id or by one of its SNIs' names."""
     by_id = is_uuid(key)
+    if kind.collection == "certificates" and not by_id:
+        sni = next((item for item in entries(document, "snis") if item.get("name") == key), None)
+        if sni is None or not isinstance(sni.get("certificate"), str):
+            return None
+        key, by_id = sni["certificate"], True
     wanted = key
     if not by_id and kind.collection == "targets":
         wanted = _normalized_target(key) or key
@@ -122,8 +146,15 @@ def find(document: Document, kind: Kind, key: str, scope: Scope | None = None) -
 def require(document: Document, kind: Kind, key: str, scope: Scope | None = None) -> EntityData:
     found = find(document, kind, key, scope)
     if found is None:
-        raise errors.not_found()
+        raise missing(kind, key)
     return found[1]
+
+
+def missing(kind: Kind, key: str) -> errors.AdminError:
+    """404; a certificate URL naming an SNI that does not exist gets Kong's own text."""
+    if kind.collection == "certificates" and not is_uuid(key):
+        return errors.message_error(404, "SNI not found")
+    return errors.not_found()
 
 
 def by_id(document: Document, collection: str, entity_id: str) -> EntityData | None:
@@ -154,6 +185,11 @@ def _page_size(size: str | None) -> int:
     return int(value)
 
 
+def sni_names(document: Document, certificate_id: Any) -> list[str]:
+    """The names a certificate is served for, sorted (Kong's `snis` pseudo-field)."""
+    return sorted(item["name"] for item in entries(document, "snis") if item.get("certificate") == certificate_id)
+
+
 def encode_offset(index: int) -> str:
     return base64.urlsafe_b64encode(f"ringgate:{index}".encode()).decode().rstrip("=")
 
@@ -169,9 +205,12 @@ def _decode_offset(token: str) -> int:
     return int(number)
 
 
-def present(kind: Kind, entity: EntityData) -> EntityData:
-    """An entity as Kong answers it: references as {"id": ...}, timestamps in whole seconds."""
+def present(kind: Kind, entity: EntityData, document: Document | None = None) -> EntityData:
+    """An entity as Kong answers it: references as {"id": ...}, timestamps in whole seconds, and a
+    certificate with Kong's `snis` pseudo-field (its SNIs' names, sorted) when `document` is given."""
     shown = dict(entity)
+    if kind.collection == "certificates" and document is not None:
+        shown["snis"] = sni_names(document, entity.get("id"))
     for field_name, _ in kind.references:
         value = shown.get(field_name)
         shown[field_name] = {"id": value} if isinstance(value, str) else value
@@ -214,7 +253,7 @@ def update(document: Document, kind: Kind, key: str, body: EntityData, *, now: i
     """PATCH: the given fields over the stored ones; record fields are merged key by key."""
     found = find(document, kind, key, scope)
     if found is None:
-        raise errors.not_found()
+        raise missing(kind, key)
     index, stored = found
     merged = dict(stored)
     if kind.collection == "services" and "url" in body:
@@ -268,6 +307,13 @@ def delete(document: Document, kind: Kind, key: str, scope: Scope | None = None)
     for child, field_name in _RESTRICTS.get(kind.collection, ()):
         if any(item.get(field_name) == entity_id for item in entries(document, child)):
             raise errors.foreign_key_restricted(kind.collection, child)
+    if kind.collection == "ca_certificates":
+        # Services list the CAs they trust in an array, not a foreign key: Kong checks it by hand.
+        user = next((item for item in entries(document, "services")
+                     if entity_id in (item.get("ca_certificates") or ())), None)
+        if user is not None:
+            raise errors.referenced_by_others(
+                f"ca certificate {entity_id} is still referenced by services (id = {user['id']})")
     new_document = {**document,
                     kind.collection: [item for item in entries(document, kind.collection) if item is not entity]}
     for child, field_name in _CASCADES.get(kind.collection, ()):
@@ -309,7 +355,8 @@ def _resolve_references(document: Document, kind: Kind, entity: EntityData) -> E
         if key_name not in ("id", "name"):
             continue
         target = find(document, KINDS[collection], key)
-        if target is None or (key_name == "id" and target[1].get("id") != key):
+        by_name_only_through_sni = key_name == "name" and KINDS[collection].endpoint_key is None
+        if target is None or by_name_only_through_sni or (key_name == "id" and target[1].get("id") != key):
             raise errors.foreign_key_invalid(field_name, {key_name: key}, collection)
         entity[field_name] = target[1]["id"]
     return entity
@@ -317,7 +364,7 @@ def _resolve_references(document: Document, kind: Kind, entity: EntityData) -> E
 
 def _check_unique(document: Document, kind: Kind, entity: EntityData) -> None:
     others = [item for item in entries(document, kind.collection) if item.get("id") != entity.get("id")]
-    if kind.collection in ("services", "routes", "upstreams"):
+    if kind.collection in ("services", "routes", "upstreams", "snis"):
         name = entity.get("name")
         if isinstance(name, str) and any(item.get("name") == name for item in others):
             raise errors.unique_violation({"name": name})
@@ -329,6 +376,11 @@ def _check_unique(document: Document, kind: Kind, entity: EntityData) -> None:
             item.get("upstream") == upstream and item.get("target") == normalized for item in others
         ):
             raise errors.unique_violation({"target": normalized, "upstream": {"id": upstream}})
+    elif kind.collection == "ca_certificates":
+        digest = _ca_digest(entity.get("cert"))
+        if digest is not None and any((item.get("cert_digest") or _ca_digest(item.get("cert"))) == digest
+                                      for item in others):
+            raise errors.unique_violation({"cert_digest": digest})
     elif kind.collection == "plugins":
         instance_name = entity.get("instance_name")
         if isinstance(instance_name, str) and any(item.get("instance_name") == instance_name for item in others):
@@ -342,6 +394,18 @@ def _check_unique(document: Document, kind: Kind, entity: EntityData) -> None:
                 "service": {"id": service} if service else None,
                 "consumer": {"id": consumer} if consumer else None,
             })
+
+
+def _ca_digest(cert: Any) -> str | None:
+    """The digest Kong keeps unique; None for text that is not a certificate (the schema reports it)."""
+    if not isinstance(cert, str):
+        return None
+    from ringgate.tls import ca_certificate_digest  # needs `cryptography`: only where CAs are written
+
+    try:
+        return ca_certificate_digest(cert)
+    except ValueError:
+        return None
 
 
 def _plugin_scope(entity: EntityData) -> tuple[Any, ...]:

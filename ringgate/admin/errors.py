@@ -20,6 +20,7 @@ UNIQUE_VIOLATION: Final = 5
 INVALID_OFFSET: Final = 7
 INVALID_SIZE: Final = 9
 DECLARATIVE_CONFIG: Final = 14
+REFERENCED_BY_OTHERS: Final = 19
 
 CODE_NAMES: Final = {
     INVALID_PRIMARY_KEY: "invalid primary key",
@@ -30,6 +31,7 @@ CODE_NAMES: Final = {
     INVALID_OFFSET: "invalid offset",
     INVALID_SIZE: "invalid size",
     DECLARATIVE_CONFIG: "invalid declarative configuration",
+    REFERENCED_BY_OTHERS: "referenced by others",
 }
 
 # Where an error is about the entity as a whole rather than one field (Kong's key).
@@ -103,6 +105,11 @@ def foreign_key_invalid(field_name: str, key: dict[str, Any], collection: str) -
 def foreign_key_restricted(parent: str, child: str) -> AdminError:
     message = f"an existing '{child}' entity references this '{parent}' entity"
     return _coded(400, FOREIGN_KEY_VIOLATION, message, {"@referenced_by": child})
+
+
+def referenced_by_others(message: str) -> AdminError:
+    """400 code 19: an entity still in use where Kong checks by hand (a CA certificate a service trusts)."""
+    return _coded(400, REFERENCED_BY_OTHERS, message)
 
 
 def invalid_size(reason: str) -> AdminError:
@@ -252,6 +259,7 @@ __all__ = [
     "method_not_allowed",
     "not_found",
     "primary_key_violation",
+    "referenced_by_others",
     "schema_violation",
     "unauthorized",
     "unique_violation",

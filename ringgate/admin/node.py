@@ -16,7 +16,7 @@ def info(context: AdminContext, request: Request, params: dict[str, str]) -> Res
         "node_id": context.node_id,
         "hostname": socket.gethostname(),
         "configuration": {
-            "proxy_listen": [str(settings.proxy_listen)],
+            "proxy_listen": [str(spec) for spec in settings.proxy_listen],
             "admin_listen": [str(settings.admin_listen)],
             "database": "off",
             "prefix": os.path.abspath(settings.prefix),
@@ -38,3 +38,11 @@ def status(context: AdminContext, request: Request, params: dict[str, str]) -> R
         "configuration_generation": snapshot.generation,
         "memory": {"workers_lua_vms": []},
     })
+
+
+def metrics(context: AdminContext, request: Request, params: dict[str, str]) -> Response:
+    """Prometheus text exposition: Kong's prometheus plugin metrics, `ringgate_` prefix."""
+    from ringgate.metrics import CONTENT_TYPE, render
+    if context.stats is None:
+        return Response(503, {"message": "metrics are not available in this process"})
+    return Response(200, render(context.stats.build()).encode(), content_type=CONTENT_TYPE)

@@ -54,6 +54,21 @@ def load_snapshot(prefix: str) -> Config:
         return load_dict(orjson.loads(f.read()), path)
 
 
+def snapshot_hash(prefix: str) -> str | None:
+    """The running config's hash, read without validating the snapshot again (None if unreadable).
+
+    The snapshot is `to_dict()` of a validated config, and config_hash is the md5 of that
+    document's canonical JSON, so hashing the file's document gives the same value."""
+    import hashlib
+    try:
+        with open(snapshot_path(prefix), "rb") as f:
+            document = orjson.loads(f.read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    return hashlib.md5(canonical).hexdigest()
+
+
 @contextmanager
 def config_lock(prefix: str) -> Iterator[None]:
     """Exclusive, cross-process lock for changing the snapshot (blocking; not re-entrant).

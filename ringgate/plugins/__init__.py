@@ -1,0 +1,1 @@
+"""Plugins: the contract (base), the registry of enabled plugins, per-route chains, bundled plugins."""
