@@ -27,6 +27,8 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
                         "headers are kept (default none; env RINGGATE_TRUSTED_IPS)")
     parser.add_argument("--drain-timeout", metavar="SECONDS", help="graceful stop limit (default 10; "
                         "env RINGGATE_DRAIN_TIMEOUT)")
+    parser.add_argument("--access-log", metavar="PATH", help="one JSON line per request to PATH or 'stdout' "
+                        "(default off; env RINGGATE_ACCESS_LOG)")
     parser.add_argument("--plugins", metavar="LIST", help="plugins this node can run: bundled and/or "
                         "module:Class, comma-separated (default bundled; env RINGGATE_PLUGINS)")
     parser.add_argument("--health-capacity", metavar="N", help="target health blocks in shared memory "
@@ -64,7 +66,8 @@ def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = 
     """Defaults < RINGGATE_* environment < flags, as Kong does with KONG_* and kong.conf."""
     values: dict[str, Any] = from_environment(environ)
     for name in ("proxy_listen", "admin_listen", "workers", "prefix", "trusted_ips", "drain_timeout", "log_level",
-                 "health_capacity", "admin_token", "plugins", "shared_dict_capacity", "cache_capacity"):
+                 "health_capacity", "admin_token", "plugins", "shared_dict_capacity", "cache_capacity",
+                 "access_log"):
         raw = getattr(args, name, None)
         if raw is not None:
             values[name] = coerce(name, raw)
@@ -155,12 +158,27 @@ def _run(settings: Settings, config: Any, label: str) -> int:
         return 1
 
 
+def _is_ringgate(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"ringgate" in f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no /proc to ask: trust the pid file, as before
+
+
 def cmd_signal(prefix: str, signo: signal.Signals, what: str) -> int:
-    from workers.master import PID_FILE
+    from ringgate.settings import PID_FILE
     path = os.path.join(prefix, PID_FILE)
     try:
         with open(path) as f:
             pid = int(f.read().strip())
+        if not _is_ringgate(pid):
+            # A master killed with SIGKILL leaves its pid file; the pid may belong to someone else now.
+            print(f"ringgate: {path} names pid {pid}, which is not a running ringgate (a stale pid file?)",
+                  file=sys.stderr)
+            return 1
         os.kill(pid, signo)
     except (OSError, ValueError) as exc:
         print(f"ringgate: cannot {what} the gateway under {prefix}: {exc}", file=sys.stderr)

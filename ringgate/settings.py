@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 ENV_PREFIX = "RINGGATE_"
+# The master's pid, under the prefix: `ringgate stop` / `reload` find the running node through it.
+PID_FILE = "ringgate.pid"
 
 
 class SettingsError(ValueError):
@@ -202,6 +204,8 @@ class Settings:
     # Entries of the shared dict (plugins' counters) and of the shared answer cache (64 KiB each at most).
     shared_dict_capacity: int = 65536
     cache_capacity: int = 1024
+    # One JSON line per request: a file path, "stdout", or "off" (the default: no cost on the request path).
+    access_log: str = "off"
     # Kong's `plugins` property: "bundled", plus user classes as module:Class, comma-separated.
     plugins: str = "bundled"
     # When set, every Admin API request must carry it (Authorization: Bearer, or Kong-Admin-Token).

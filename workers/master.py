@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ringgate.config import ConfigError, load_file
+from ringgate.settings import PID_FILE
 from ringgate.config.store import config_lock, load_snapshot, save_snapshot, snapshot_hash
 from shared_state.arena import Arena
 from shared_state.health import HealthTable
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringgate.master")
 
-PID_FILE = "ringgate.pid"
 HANDLED_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 READY_TIMEOUT = 30.0
 # A child that dies sooner than this after starting counts as crashing: its restart waits longer.

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 import uuid
 from collections import deque
 
@@ -28,6 +29,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from shared_state import arena as arena_fields
 from workers import http11
 from workers.resolver import NameResolutionError
+from workers.access_log import iso_time as access_log_time
 from ringgate.plugins import chain as plugin_chain
 from ringgate.plugins.base import Context as PluginContext
 
@@ -898,6 +900,8 @@ cdef class ClientProtocol:
         self.requests_served += 1
         if self.series is not None:
             self.series.record(req, status, bytes_out)
+        if self.ctx.access_log is not None:
+            _access_log(self, req, status, bytes_out)
         if req.plugin_ctx is not None:
             _plugin_log(req, status, bytes_out)
         # Break the request <-> exchange cycle so both are freed by reference counting, not the GC.
@@ -1941,3 +1945,39 @@ def _apply_response_ops(list kept, list ops) -> list:
         if op in ("set", "add") and value is not None:
             lines.append(name.encode("latin-1") + b": " + value.encode("latin-1"))
     return [line + CRLF for line in lines]
+
+
+def _access_log(ClientProtocol client, Request req, int status, long long bytes_out) -> None:
+    """One JSON line per request (only when the access log is on)."""
+    cdef Exchange exchange = req.exchange
+    cdef double now = _now()
+    route = service = target = None
+    upstream_ms = None
+    if exchange is not None:
+        route = exchange.route.name or exchange.route.id
+        owner = exchange.route.service
+        service = owner.name or owner.id if owner is not None else None
+        if exchange.target_host is not None:
+            target = f"{exchange.target_host}:{exchange.target_port}"
+        if exchange.t_head > 0:
+            upstream_ms = round((exchange.t_head - exchange.t_sent) * 1000.0, 3)
+    pctx = req.plugin_ctx
+    raw = req.raw_path if req.raw_path is not None else b""
+    if req.query is not None:
+        raw += b"?" + req.query
+    client.ctx.access_log.record({
+        "time": access_log_time(time.time()),
+        "client": client.peer_ip,
+        "method": req.method,
+        "path": raw.decode("latin-1"),
+        "status": status,
+        "route": route,
+        "service": service,
+        "target": target,
+        "upstream_latency_ms": upstream_ms,
+        "latency_ms": round((now - req.t_start) * 1000.0, 3),
+        "bytes_in": req.body_bytes,
+        "bytes_out": bytes_out,
+        "request_id": req.request_id.decode("ascii") if req.request_id is not None else None,
+        "fallback": pctx.shared.get("fallback") if pctx is not None else None,
+    })

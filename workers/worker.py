@@ -19,6 +19,7 @@ from ringgate.config.store import load_snapshot
 from shared_state import arena as arena_fields
 from workers.child import prepare_child, report_ready
 from shared_state.health import HealthTable
+from workers.access_log import AccessLog
 from workers.proxy import ClientProtocol, HealthSync, SeriesRecorder, UpstreamPool, reset_request_ids
 from workers.resolver import Resolver
 from ringgate.plugins.base import Node
@@ -76,6 +77,8 @@ class WorkerContext:
         self.stats = stats
         self.health_table = health if health is not None else HealthTable(1)
         self.series: SeriesRecorder | None = None  # set by run_worker when the node maps the series table
+        self.access_log: AccessLog | None = (AccessLog(settings.access_log, loop)
+                                             if settings.access_log not in ("", "off") else None)
         self.health = HealthSync(self.health_table, self)
         self.listeners: list[Listener] = [Listener(listeners)] if isinstance(listeners, int) else listeners
         # The first listener's values, for connections made without one (ClientProtocol(ctx)).
@@ -121,9 +124,11 @@ def _tls_context(ctx: WorkerContext, config: "Config", certificates: "Certificat
 
 def _reload_certificates(ctx: WorkerContext, config: "Config") -> None:
     """New handshakes get the new certificates; connections already open keep theirs."""
+    if ctx.certificates is None:  # no TLS listener: nothing to reload, and no `cryptography` to import
+        return
     from ringgate.tls import certificates_fingerprint, node_store
     source = certificates_fingerprint(config)
-    if ctx.certificates is None or source == ctx.certificates_source:
+    if source == ctx.certificates_source:
         return
     try:
         store = node_store(config, ctx.settings.prefix)
@@ -224,6 +229,8 @@ def run_worker(slot: int, settings: "Settings", config: "Config",
         ctx.pool.close_all()
         loop.run_until_complete(asyncio.sleep(0))
     finally:
+        if ctx.access_log is not None:
+            ctx.access_log.close()
         loop.close()
     return 0
 

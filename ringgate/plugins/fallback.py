@@ -264,7 +264,7 @@ class FallbackPlugin(Plugin):
             step = self.steps[state["next"]]
             state["next"] += 1
             if step.type == "static":
-                state["served_by"] = "static"
+                state["served_by"] = ctx.shared["fallback"] = "static"
                 headers = dict(step.headers)
                 headers.setdefault("Content-Type", step.content_type)
                 ctx.exit(step.status, step.body.encode(), headers)
@@ -272,7 +272,7 @@ class FallbackPlugin(Plugin):
                 cached = self._lookup(ctx)
                 if cached is None:
                     continue
-                state["served_by"] = "cache"
+                state["served_by"] = ctx.shared["fallback"] = "cache"
                 status, headers, body = cached
                 ctx.exit(status, body, headers)
             destination = self._destination(step)
@@ -281,7 +281,7 @@ class FallbackPlugin(Plugin):
                           step.upstream)
                 continue
             state["tried"] = state.get("tried", 0) + 1
-            state["served_by"] = "backup"
+            state["served_by"] = ctx.shared["fallback"] = "backup"
             state["target"] = destination.label
             ctx.fallback(destination)
             return

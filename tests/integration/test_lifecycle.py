@@ -153,12 +153,15 @@ def test_demo_command_serves(tmp_path: Path) -> None:
          "--admin-listen", f"127.0.0.1:{admin}", "--workers", "1", "--prefix", str(tmp_path / "p")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines = []
+        lines: list[str] = []
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "ringgate: ready" in line:
-                break
+        stream = proc.stdout
+        reader = threading.Thread(target=lambda: lines.extend(iter(stream.readline, "")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 30  # bounded: a demo that never gets ready fails, it does not hang
+        while not any("ringgate: ready" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            time.sleep(0.05)
         assert any(f"curl -i http://127.0.0.1:{proxy}/demo" in line for line in lines), lines
         servers = {request(proxy, "GET", "/demo").json()["server"] for _ in range(4)}
         assert servers == {"origin-1", "origin-2"}

@@ -2,7 +2,9 @@
 
 A keep-alive connection stays with the worker that accepted it. Its server side is the socket
 whose local port is the proxy port and whose peer port is the client's local port: find that
-socket's inode in /proc/net/tcp{,6}, then the process holding a descriptor on it.
+socket's inode in /proc/net/tcp{,6}, then the process holding a descriptor on it. The same tables
+tell the proxy workers (they hold the listening socket; the control process closed its copy) and
+whether a new worker's event loop accepts yet (the listening socket is in its epoll set).
 """
 from __future__ import annotations
 
