@@ -2,11 +2,13 @@
 target health, circuit breakers, fallback counts. Read-only; run in the control process."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from shared_state.health import policy_for
 
 from ringgate.plugins.fallback import DURATION_BUCKETS_MS
 from shared_state import health_rules
-from shared_state.health import policy_for
 
 if TYPE_CHECKING:
     from ringgate.config import Config
@@ -16,7 +18,7 @@ _BREAKER_STATE = {health_rules.State.HEALTHY: "closed", health_rules.State.EJECT
                   health_rules.State.TRIAL: "half_open", health_rules.State.UNHEALTHY: "open"}
 
 
-def health_provider(config: Callable[[], "Config"], table: Any) -> Callable[[], list[dict[str, Any]]]:
+def health_provider(config: Callable[[], Config], table: Any) -> Callable[[], list[dict[str, Any]]]:
     def provide() -> list[dict[str, Any]]:
         rows = []
         for upstream in config().upstreams:
@@ -34,7 +36,7 @@ def health_provider(config: Callable[[], "Config"], table: Any) -> Callable[[], 
     return provide
 
 
-def breaker_provider(config: Callable[[], "Config"], table: Any) -> Callable[[], list[dict[str, Any]]]:
+def breaker_provider(config: Callable[[], Config], table: Any) -> Callable[[], list[dict[str, Any]]]:
     def provide() -> list[dict[str, Any]]:
         current = config()
         routes = {route.id: route for route in current.routes}

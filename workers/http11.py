@@ -6,6 +6,7 @@ from http import HTTPStatus
 import orjson
 
 from ringgate import __version__
+from ringgate.negotiation import prefers_text
 
 SERVER_TOKEN = f"ringgate/{__version__}".encode()
 VIA_TOKEN = b"1.1 " + SERVER_TOKEN
@@ -36,29 +37,7 @@ MSG_BAD_REQUEST = "Bad request"
 
 def wants_text(accept: bytes | None) -> bool:
     """Kong answers JSON unless the client's Accept prefers text/plain (or text/html) over JSON."""
-    if not accept:
-        return False
-    best_kind, best_q = "json", -1.0
-    for part in accept.decode("latin-1").split(","):
-        media, _, params = part.strip().partition(";")
-        media = media.strip().lower()
-        q = 1.0
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if key == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if media in ("application/json", "*/*", "application/*"):
-            kind = "json"
-        elif media in ("text/plain", "text/*", "text/html"):
-            kind = "text"
-        else:
-            continue
-        if q > best_q:
-            best_kind, best_q = kind, q
-    return best_kind == "text"
+    return bool(accept) and prefers_text(accept.decode("latin-1"))  # type: ignore[union-attr]
 
 
 def error_response(status: int, message: str, request_id: str, accept: bytes | None, close: bool,

@@ -73,6 +73,9 @@ cdef bytes SERVER_TOKEN = http11.SERVER_TOKEN
 cdef bytes VIA_LINE = b"Via: " + VIA_TOKEN + b"\r\n"
 cdef frozenset IDEMPOTENT = http11.IDEMPOTENT_METHODS
 cdef dict STATUS_LINES = http11.STATUS_LINES
+# What a backup keeps of the client's headers when preserve_original_headers is off.
+cdef frozenset _BACKUP_KEPT_HEADERS = frozenset((b"content-type", b"accept", b"accept-encoding", b"user-agent",
+                                                 b"transfer-encoding", b"content-length", b"host"))
 
 
 # Method names as str, looked up instead of decoded per request.
@@ -1567,6 +1570,12 @@ cdef class Exchange:
         self.upstream_keep_alive = False
         self.out = []
         self.bytes_out = 0
+        if getattr(dest, "minimal_headers", False):
+            # preserve_original_headers off: the backup gets the body's headers and the gateway's own.
+            saved = req.headers
+            req.headers = [(n, v) for n, v in saved if n.lower() in _BACKUP_KEPT_HEADERS]
+            self._build_head()
+            req.headers = saved
         if path is not None:
             raw = path.encode("utf-8", "surrogateescape")
             if req.query is not None:

@@ -138,7 +138,7 @@ def _hash_key(upstream: Any, prefix: str, mode: str) -> str | None:
 class ServiceRuntime:
     __slots__ = ("id", "name", "scheme", "host", "port", "path", "retries", "connect_timeout",
                  "write_timeout", "read_timeout", "upstream", "ssl_context", "default_host_header",
-                 "ip", "host_line", "sni", "target_host_lines", "target_snis")
+                 "ip", "host_line", "sni", "target_host_lines", "target_snis", "minimal_headers")
 
     def __init__(self, service: Any, upstream: UpstreamRuntime | None, trusted_cas: tuple[str, ...] = ()) -> None:
         self.id: str = service.id
@@ -153,6 +153,7 @@ class ServiceRuntime:
         self.write_timeout: float = service.write_timeout / 1000.0
         self.read_timeout: float = service.read_timeout / 1000.0
         self.upstream = upstream
+        self.minimal_headers: bool = False  # a fallback destination that drops the client's headers
         self.ssl_context: ssl.SSLContext | None = _client_tls(service, trusted_cas) if self.scheme == "https" else None
         self.default_host_header: str = host_header_value(self.host, self.port, self.scheme)
         # What each attempt needs, built once: the Host line and TLS name per target (Kong's rules:

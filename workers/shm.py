@@ -26,7 +26,7 @@ class NodeMemory:
     series: SeriesTable
 
 
-def create_node_memory(settings: "Settings") -> NodeMemory:
+def create_node_memory(settings: Settings) -> NodeMemory:
     return NodeMemory(
         shdict=SharedDict(settings.shared_dict_capacity, key_max=128, value_max=256),
         cache=SharedDict(settings.cache_capacity, key_max=256, value_max=CACHE_VALUE_MAX),

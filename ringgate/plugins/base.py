@@ -65,7 +65,7 @@ class Plugin:
     BUFFERS_BODY: ClassVar[bool] = False
 
     def __init__(self, config: PluginConfig, *, entity_id: str = "", route: str | None = None,
-                 service: str | None = None, node: "Node | None" = None) -> None:
+                 service: str | None = None, node: Node | None = None) -> None:
         self.config = config
         self.entity_id = entity_id  # the plugin entity's id (stable across reloads)
         self.route = route          # scope: route id / service id, None for global
@@ -78,22 +78,22 @@ class Plugin:
         return tuple(p for p in PHASES if getattr(cls, p) is not getattr(Plugin, p))
 
     # Phase methods: no-ops here; the chain skips the ones a class does not override.
-    def rewrite(self, ctx: "Context") -> None:
+    def rewrite(self, ctx: Context) -> None:
         pass
 
-    def access(self, ctx: "Context") -> None:
+    def access(self, ctx: Context) -> None:
         pass
 
-    def response(self, ctx: "Context", status: int, headers: list[tuple[str, str]]) -> None:
+    def response(self, ctx: Context, status: int, headers: list[tuple[str, str]]) -> None:
         pass
 
-    def header_filter(self, ctx: "Context", status: int, headers: list[tuple[str, str]]) -> None:
+    def header_filter(self, ctx: Context, status: int, headers: list[tuple[str, str]]) -> None:
         pass
 
-    def body_filter(self, ctx: "Context", chunk: bytes, eof: bool) -> bytes | None:
+    def body_filter(self, ctx: Context, chunk: bytes, eof: bool) -> bytes | None:
         return None
 
-    def log(self, ctx: "Context") -> None:
+    def log(self, ctx: Context) -> None:
         pass
 
 
@@ -119,12 +119,43 @@ class Context:
     """
 
     __slots__ = (
-        "method", "path", "raw_path", "query", "host", "headers", "client_ip", "route_id", "route_name",
-        "service_id", "service_name", "request_id", "body", "shared", "_plugin_state", "upstream_headers",
-        "response_headers", "exit_answer", "fallback_step", "status", "upstream_status", "bytes_out",
-        "started_at", "latency_ms", "upstream_latency_ms", "target", "current_plugin", "tls",
-        "failure", "request_sent", "replayable", "in_fallback", "primary_timeout", "no_timeout_retry", "aborted",
-        "original_path", "body_bytes",
+        "_plugin_state",
+        "aborted",
+        "body",
+        "body_bytes",
+        "bytes_out",
+        "client_ip",
+        "current_plugin",
+        "exit_answer",
+        "failure",
+        "fallback_step",
+        "headers",
+        "host",
+        "in_fallback",
+        "latency_ms",
+        "method",
+        "no_timeout_retry",
+        "original_path",
+        "path",
+        "primary_timeout",
+        "query",
+        "raw_path",
+        "replayable",
+        "request_id",
+        "request_sent",
+        "response_headers",
+        "route_id",
+        "route_name",
+        "service_id",
+        "service_name",
+        "shared",
+        "started_at",
+        "status",
+        "target",
+        "tls",
+        "upstream_headers",
+        "upstream_latency_ms",
+        "upstream_status",
     )
 
     def __init__(self) -> None:

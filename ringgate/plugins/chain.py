@@ -29,8 +29,17 @@ INTERNAL_ERROR = (500, b'{"message":"An unexpected error occurred"}',
 class Chain:
     """The plugins of one route, split by phase (only the phases a plugin implements)."""
 
-    __slots__ = ("plugins", "rewrite", "access", "response", "header_filter", "body_filter", "log", "buffers_body",
-                 "wants_body")
+    __slots__ = (
+        "access",
+        "body_filter",
+        "buffers_body",
+        "header_filter",
+        "log",
+        "plugins",
+        "response",
+        "rewrite",
+        "wants_body",
+    )
 
     def __init__(self, plugins: list[Plugin]) -> None:
         self.plugins = tuple(plugins)
@@ -52,7 +61,7 @@ class Chain:
         return f"<Chain {[type(p).NAME for p in self.plugins]}>"
 
 
-def instantiate(config: "Config", node: Any = None) -> dict[str, Plugin]:
+def instantiate(config: Config, node: Any = None) -> dict[str, Plugin]:
     """One instance per enabled plugin entity, keyed by entity id."""
     instances: dict[str, Plugin] = {}
     for entity in config.plugins:
@@ -69,7 +78,7 @@ def instantiate(config: "Config", node: Any = None) -> dict[str, Plugin]:
     return instances
 
 
-def chain_for(config: "Config", instances: dict[str, Plugin], route_id: str, service_id: str | None) -> Chain | None:
+def chain_for(config: Config, instances: dict[str, Plugin], route_id: str, service_id: str | None) -> Chain | None:
     """Kong's precedence for one route: per plugin name, the most specific instance wins."""
     best: dict[str, tuple[int, Plugin]] = {}
     for entity in config.plugins:

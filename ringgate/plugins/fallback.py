@@ -35,10 +35,10 @@ from typing import Any, Literal
 import msgpack
 import orjson
 from pydantic import Field, model_validator
+from shared_state.health import HTTP_FAILURE, SUCCESS, HealthPolicy
 
 from ringgate.plugins.base import Context, Plugin, PluginConfig
 from shared_state import health_rules
-from shared_state.health import HTTP_FAILURE, SUCCESS, HealthPolicy
 
 log = logging.getLogger("ringgate.fallback")
 event_log = logging.getLogger("ringgate.fallback.events")
@@ -64,7 +64,7 @@ class ChainStep(PluginConfig):
     headers: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _kind(self) -> "ChainStep":
+    def _kind(self) -> ChainStep:
         kind = self.type or ("upstream" if self.upstream else "backup" if self.host else None)
         if kind is None:
             raise ValueError("a fallback_chain step needs 'host' and 'port', 'upstream', or 'type' cache/static")
@@ -101,7 +101,7 @@ class FallbackConfig(PluginConfig):
     max_replay_body: int = Field(default=1 << 20, ge=0)
 
     @model_validator(mode="after")
-    def _needs_somewhere_to_go(self) -> "FallbackConfig":
+    def _needs_somewhere_to_go(self) -> FallbackConfig:
         if self.backup_host and self.backup_port is None:
             raise ValueError("backup_port is required with backup_host")
         if not self.backup_host and not self.fallback_chain:
@@ -112,7 +112,7 @@ class FallbackConfig(PluginConfig):
 class Step:
     """A resolved network step: the destination the worker sends to, and the path to ask for."""
 
-    __slots__ = ("service", "path", "label")
+    __slots__ = ("label", "path", "service")
 
     def __init__(self, service: Any, path: str | None, label: str) -> None:
         self.service = service
@@ -310,6 +310,8 @@ class FallbackPlugin(Plugin):
             label = f"{step.host}:{step.port}"
         if service is None:
             return None
+        # Read by the worker's switch_to: the backup gets only the body's and the gateway's headers.
+        service.minimal_headers = not self.config.preserve_original_headers
         destination = Step(service, step.path, label)
         if len(self._destinations) > 64:
             self._destinations.clear()

@@ -31,6 +31,7 @@ from pydantic import AfterValidator, ConfigDict, Field, Strict
 from ringgate.config.schema import Bool, Str, kong_error
 from ringgate.plugins.base import Context, Plugin, PluginConfig
 from ringgate.plugins.chain import apply_header_ops
+from ringgate.plugins.validation import one_of
 
 log = logging.getLogger("ringgate.plugins.proxy-cache")
 
@@ -46,17 +47,6 @@ DIAGNOSTIC: frozenset[str] = frozenset(("age", "x-cache-status", "x-cache-key"))
 
 
 # -- config -------------------------------------------------------------------------------------
-
-def _one_of(*choices: str) -> AfterValidator:
-    listed = ", ".join(choices)
-
-    def check(value: str) -> str:
-        if value not in choices:
-            raise kong_error(f"expected one of: {listed}")
-        return value
-
-    return AfterValidator(check)
-
 
 def _status(value: int) -> int:
     if not 100 <= value <= 900:
@@ -95,10 +85,10 @@ class Memory(PluginConfig):
 class Config(PluginConfig):
     response_code: Annotated[tuple[Annotated[int, Strict(), AfterValidator(_status)], ...],
                              AfterValidator(_not_empty)] = (200, 301, 404)
-    request_method: tuple[Annotated[str, Strict(), _one_of(*METHODS)], ...] = ("GET", "HEAD")
+    request_method: tuple[Annotated[str, Strict(), one_of(*METHODS)], ...] = ("GET", "HEAD")
     content_type: tuple[Str, ...] = ("text/plain", "application/json")
     cache_ttl: Annotated[int, Strict(), AfterValidator(_positive)] = 300
-    strategy: Annotated[str, Strict(), _one_of("memory")]
+    strategy: Annotated[str, Strict(), one_of("memory")]
     cache_control: Bool = False
     ignore_uri_case: Bool = False
     storage_ttl: Annotated[int, Strict()] | None = None

@@ -24,7 +24,9 @@ import orjson
 from pydantic import AfterValidator, Strict, model_validator
 
 from ringgate.config.schema import Bool, FieldPath, HeaderName, Number, Path, Str, entity_errors, kong_error
+from ringgate.negotiation import prefers_text
 from ringgate.plugins.base import Context, Plugin, PluginConfig
+from ringgate.plugins.validation import one_of
 
 log = logging.getLogger("ringgate.plugins.rate-limiting")
 
@@ -39,17 +41,6 @@ X_REMAINING: dict[str, str] = {p: f"X-RateLimit-Remaining-{p.capitalize()}" for 
 POLICIES: tuple[str, ...] = ("local", "cluster", "redis")
 LIMIT_BY: tuple[str, ...] = ("consumer", "credential", "ip", "service", "header", "path")
 SYNC_RATE_REALTIME = -1.0
-
-
-def _one_of(*choices: str) -> AfterValidator:
-    listed = ", ".join(choices)
-
-    def check(value: str) -> str:
-        if value not in choices:
-            raise kong_error(f"expected one of: {listed}")
-        return value
-
-    return AfterValidator(check)
 
 
 def _positive(value: float) -> float:
@@ -68,10 +59,10 @@ class Config(PluginConfig):
     day: Positive | None = None
     month: Positive | None = None
     year: Positive | None = None
-    limit_by: Annotated[str, Strict(), _one_of(*LIMIT_BY)] = "consumer"
+    limit_by: Annotated[str, Strict(), one_of(*LIMIT_BY)] = "consumer"
     header_name: HeaderName | None = None
     path: Path | None = None
-    policy: Annotated[str, Strict(), _one_of(*POLICIES)] = "local"
+    policy: Annotated[str, Strict(), one_of(*POLICIES)] = "local"
     fault_tolerant: Bool = True
     hide_client_headers: Bool = False
     error_code: Positive = 429
@@ -142,36 +133,10 @@ def header_number(value: float) -> str:
 
 def error_answer(ctx: Context, status: int, message: str) -> tuple[bytes, str]:
     """Kong's kong.response.error body: JSON by default, text/plain when Accept prefers text."""
-    if _prefers_text(ctx.header("accept")):
+    if prefers_text(ctx.header("accept")):
         return f"{message}\nrequest_id: {ctx.request_id}\n".encode(), "text/plain; charset=utf-8"
     body = b'{\n  "message":' + orjson.dumps(message) + b',\n  "request_id":' + orjson.dumps(ctx.request_id) + b"\n}"
     return body, "application/json; charset=utf-8"
-
-
-def _prefers_text(accept: str | None) -> bool:
-    if not accept:
-        return False
-    best, best_q = "json", -1.0
-    for part in accept.split(","):
-        media, _, params = part.strip().partition(";")
-        media = media.strip().lower()
-        q = 1.0
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if key.strip() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if media in ("application/json", "*/*", "application/*"):
-            kind = "json"
-        elif media in ("text/plain", "text/*", "text/html"):
-            kind = "text"
-        else:
-            continue
-        if q > best_q:
-            best, best_q = kind, q
-    return best == "text"
 
 
 class NoSharedDict(RuntimeError):

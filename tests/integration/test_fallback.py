@@ -105,14 +105,14 @@ def _build(tmp: Path) -> Rig:
     }
     sick = {name: origin(name) for name in (
         "critical-primary", "quiet-primary", "sse-primary", "post-primary", "breaker-primary", "chain-primary",
-        "pool-primary", "big-primary", "observed-primary")}
+        "pool-primary", "big-primary", "observed-primary", "bare-primary")}
     for server in sick.values():
         server.force_status = 503
     slow = {name: origin(name) for name in ("hang-primary", "post-timeout-primary", "post-replay-timeout-primary")}
     backups = {name: origin(name) for name in (
         "refused-backup", "hang-backup", "sse-backup", "truncate-backup", "post-backup", "post-timeout-backup",
         "post-replay-timeout-backup", "breaker-backup", "chain-backup", "pool-a", "pool-b", "big-backup",
-        "observed-backup")}
+        "observed-backup", "bare-backup")}
     backups["chain-backup"].force_status = 503  # the backup fails too: the chain moves on
     truncating = origin("truncate-primary")
     cache_primary = origin("cache-primary")
@@ -148,6 +148,8 @@ def _build(tmp: Path) -> Rig:
                  backup_of(backups["big-backup"], "/fallback", max_replay_body=MAX_REPLAY_BODY)),
         _service("observed", url(sick["observed-primary"]), "/observed",
                  backup_of(backups["observed-backup"], "/fallback")),
+        _service("bare", url(sick["bare-primary"]), "/bare",
+                 backup_of(backups["bare-backup"], "/fallback", preserve_original_headers=False)),
     ]
     config = {
         "_format_version": "3.0",
@@ -460,3 +462,16 @@ def test_each_fallback_logs_one_json_event_and_counts_in_metrics(rig: Rig) -> No
     durations = {s.name: s.value for s in _metric_samples(rig, "ringgate_fallback_duration_ms")
                  if s.labels.get("route") == "observed" and s.name.endswith(("_count", "_sum"))}
     assert durations.get("ringgate_fallback_duration_ms_count") == 2, durations
+
+
+def test_preserve_original_headers_false_sends_the_backup_only_the_bodys_headers(rig: Rig) -> None:
+    response = rig.get("/bare", method="POST", body=b'{"a": 1}',
+                       headers={"Content-Type": "application/json", "X-Secret": "s3cret", "Cookie": "c=1"})
+    assert response.status == 200 and response.header("X-Fallback") == "backup"
+    echo = response.json()
+    names = {name.lower() for name, _ in echo["headers"]}
+    assert echo["server"] == "bare-backup" and echo["body"] == '{"a": 1}'
+    assert "content-type" in names and "x-forwarded-for" in names
+    assert "x-secret" not in names and "cookie" not in names
+    primary_seen = rig.origins["bare-primary"].log
+    assert primary_seen  # the primary itself got the request with every header (the default path)
