@@ -31,6 +31,10 @@ def _add_node_flags(parser: argparse.ArgumentParser) -> None:
                         "(default off; env RINGGATE_ACCESS_LOG)")
     parser.add_argument("--plugins", metavar="LIST", help="plugins this node can run: bundled and/or "
                         "module:Class, comma-separated (default bundled; env RINGGATE_PLUGINS)")
+    parser.add_argument("--shared-dict-capacity", metavar="N", help="entries of the plugins' shared dict "
+                        "(default 65536; env RINGGATE_SHARED_DICT_CAPACITY)")
+    parser.add_argument("--cache-capacity", metavar="N", help="answers the shared cache keeps, up to 64 KiB each "
+                        "(default 1024; env RINGGATE_CACHE_CAPACITY)")
     parser.add_argument("--health-capacity", metavar="N", help="target health blocks in shared memory "
                         "(default 4096; env RINGGATE_HEALTH_CAPACITY)")
     parser.add_argument("--admin-token", metavar="TOKEN", help="require this token on every Admin API request "

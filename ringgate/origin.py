@@ -212,8 +212,12 @@ class OriginServer:
         loop.close()
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        """Stop serving (idempotent: a test may stop an origin to simulate its death, and its fixture again)."""
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            except RuntimeError:
+                pass  # closed between the check and the call
         if self._thread is not None:
             self._thread.join(5)
 
