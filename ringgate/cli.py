@@ -195,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = resolve_settings(args)
-        _enable_plugins(settings.plugins)
+        if args.command in ("start", "check", "demo"):  # only what reads a config needs the plugins
+            _enable_plugins(settings.plugins)
     except SettingsError as exc:
         print(f"ringgate: {exc}", file=sys.stderr)
         return 2

@@ -68,6 +68,7 @@ cdef class Request:
     cdef public frozenset connection_tokens
     cdef public object plugin_ctx       # ringgate.plugins.base.Context when the route has plugins
     cdef public object plugin_chain     # its ringgate.plugins.chain.Chain
+    cdef public bint websocket          # a WebSocket handshake (GET, Upgrade: websocket, Connection: upgrade)
 
 
 cdef class UpstreamPool:
@@ -113,6 +114,7 @@ cdef class UpstreamConnection:
     cdef void _schedule(self, double deadline) except *
     cdef void close(self) except *
     cdef void abort(self) except *
+    cdef object hand_over(self)
 
 
 cdef class ClientProtocol:
@@ -153,6 +155,7 @@ cdef class ClientProtocol:
     cdef object timer
     cdef bint starting
     cdef object error_after
+    cdef object upgraded                # _UpgradeBuffer once llhttp stopped at an upgrade head, else None
     # request being parsed
     cdef bytes url
     cdef list headers
@@ -168,6 +171,7 @@ cdef class ClientProtocol:
     cdef void request_done(self, Request req, int status, long long bytes_out, bint keep_alive) except *
     cdef void send_error(self, Request req, int status, str message, bint close=*) except *
     cdef void _refuse(self, object error) except *
+    cdef void _upgraded(self, bytes rest) except *
     cdef void _pause(self, int reason) except *
     cdef void _resume(self, int reason) except *
     cdef void write(self, bytes data) except *
@@ -237,6 +241,8 @@ cdef class Exchange:
     cdef void _end_target(self) except *
     cdef void on_upstream_head(self, UpstreamConnection conn, int status, bytes buf, Py_ssize_t start,
                                Py_ssize_t end, bint keep_alive) except *
+    cdef void on_upstream_switch(self, UpstreamConnection conn, bytes buf, Py_ssize_t start,
+                                 Py_ssize_t end) except *
     cdef void on_upstream_body(self, bytes data) except *
     cdef void on_upstream_flush(self) except *
     cdef void on_upstream_complete(self, UpstreamConnection conn) except *
@@ -248,3 +254,32 @@ cdef class Exchange:
     cdef bint _plugins_take_over(self, int status, list headers) except -1
     cdef void _replace_answer(self) except *
     cdef void switch_to(self, object dest, object path) except *
+
+
+cdef class Tunnel:
+    # A WebSocket connection after its 101: the client and upstream transports, each driven by a
+    # _TunnelEnd protocol, pass bytes to each other untouched until one side closes.
+    cdef ClientProtocol client
+    cdef Exchange exchange              # keeps the target picked (least-connections) until the tunnel ends
+    cdef object loop
+    cdef object client_transport
+    cdef object upstream_transport
+    cdef double idle_timeout            # the service's read_timeout: no byte either way this long closes both
+    cdef double stall_timeout           # its write_timeout: a destination paused this long closes both
+    cdef double last_traffic
+    cdef double stalled_since
+    cdef int stalled                    # SIDE_* bits: destinations whose transport paused writing
+    cdef object timer
+    cdef double timer_at
+    cdef readonly bint ended
+    cdef readonly long long to_client   # tunnel bytes, after the 101 head
+    cdef readonly long long to_upstream
+
+    cdef void start(self, bytes head, bytes from_upstream, list from_client) except *
+    cdef void forward(self, int side, bytes data) except *
+    cdef bint on_eof(self) except -1
+    cdef void on_lost(self, int side, object exc) except *
+    cdef void on_pause(self, int side) except *
+    cdef void on_resume(self, int side) except *
+    cdef void _schedule(self, double deadline) except *
+    cdef void _end(self, bint abort) except *

@@ -52,6 +52,12 @@ cdef enum:
     PAUSE_PIPELINE = 1
     PAUSE_UPSTREAM = 2
     PAUSE_BUFFER = 4
+    PAUSE_TUNNEL = 8   # llhttp stopped at an upgrade head: hold what follows until the handshake is answered
+
+# The two ends of a WebSocket tunnel (bits).
+cdef enum:
+    SIDE_CLIENT = 1
+    SIDE_UPSTREAM = 2
 
 # Why an upstream connection stopped serving an exchange.
 cdef enum:
@@ -71,6 +77,9 @@ cdef bytes CHUNK_END = http11.CHUNK_END
 cdef bytes VIA_TOKEN = http11.VIA_TOKEN
 cdef bytes SERVER_TOKEN = http11.SERVER_TOKEN
 cdef bytes VIA_LINE = b"Via: " + VIA_TOKEN + b"\r\n"
+# Kong's upstream lines for a WebSocket handshake, in place of the usual Connection line.
+cdef bytes KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n"
+cdef bytes WEBSOCKET_LINES = b"Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n"
 cdef frozenset IDEMPOTENT = http11.IDEMPOTENT_METHODS
 cdef dict STATUS_LINES = http11.STATUS_LINES
 # What a backup keeps of the client's headers when preserve_original_headers is off.
@@ -482,6 +491,19 @@ cdef class UpstreamConnection:
             self.transport.abort()
         self.close()
 
+    cdef object hand_over(self):
+        """Give the socket to a WebSocket tunnel: this object stops serving it and never goes back to the pool."""
+        transport = self.transport
+        self.transport = None
+        self.exchange = None
+        self.closed = True
+        self.head_buf = None
+        self.parser = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        return transport
+
     # Protocol interface
 
     def connection_made(self, transport: object) -> None:
@@ -499,8 +521,13 @@ cdef class UpstreamConnection:
             self.head_buf = data if self.head_buf is None else self.head_buf + data
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__ is not None:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.transport is None:
+                return  # a 101 handed the socket to a tunnel; llhttp stops after that head
+            if isinstance(exc, httptools.HttpParserUpgrade):
+                log.warning("invalid answer from upstream %s:%s: 101 to a request that asked for no upgrade",
+                            self.key[0], self.key[1])
+            elif isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__ is not None:
                 log.error("error while reading an answer from %s:%s: %r", self.key[0], self.key[1],
                           exc.__context__, exc_info=exc.__context__)
             else:
@@ -551,9 +578,18 @@ cdef class UpstreamConnection:
         cdef bytes buf = self.head_buf
         # llhttp (strict) has just accepted a head ending in CRLF CRLF inside buf.
         cdef Py_ssize_t end = buf.find(b"\r\n\r\n", self.head_start) + 4
-        if 100 <= status < 200 and status != 101:
-            # Interim answers (100 Continue, 103 Early Hints) are consumed; the final one follows.
+        if 100 <= status < 200:
+            # llhttp reports this head's message complete too: not the end of an answer.
             self.informational = True
+            if status == 101:
+                # Switching Protocols: llhttp stops after this head; the bytes after it belong to a tunnel.
+                # To a request that asked for no upgrade, data_received treats the stop as an invalid answer.
+                self.head_done = True
+                self.head_buf = None
+                if self.exchange.req.websocket:
+                    self.exchange.on_upstream_switch(self, buf, self.head_start, end)
+                return
+            # Interim answers (100 Continue, 103 Early Hints) are consumed; the final one follows.
             self.head_start = end
             return
         self.head_done = True
@@ -665,11 +701,8 @@ cdef class ClientProtocol:
         self.last_activity = _now()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # WebSocket and other upgrades are not proxied yet: the request was served as plain HTTP
-            # without its Upgrade headers, and the connection closes after the answer.
-            if self.parsing is not None:
-                self.parsing.keep_alive = False
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded(data[exc.args[0]:])
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, ClientError):
@@ -763,6 +796,7 @@ cdef class ClientProtocol:
         cdef Request req = Request()
         cdef bytes name, value, url
         cdef object host = None
+        cdef bytes upgrade = None
         req.t_start = self.last_activity
         req.request_id = next_request_id()
         parser = self.parser
@@ -797,6 +831,8 @@ cdef class ClientProtocol:
                 connection_header = True  # llhttp reads it like Connection for keep-alive
             elif _is(name, "expect", 6):
                 req.expect_continue = value.lower() == b"100-continue"
+            elif _is(name, "upgrade", 7):
+                upgrade = value
             elif _is(name, "connection", 10):
                 connection_header = True
                 if _is(value, "keep-alive", 10) or _is(value, "close", 5):
@@ -811,6 +847,12 @@ cdef class ClientProtocol:
                 raise ClientError(400, "Bad request: missing Host header")
             host = b""
         req.host = (<bytes>host).decode("latin-1")
+        if upgrade is not None and req.connection_tokens is not None and b"upgrade" in req.connection_tokens:
+            # llhttp stops after this request: nothing after it on the connection is HTTP. A WebSocket
+            # handshake becomes a tunnel on a 101; anything else is served once, then the connection closes.
+            req.keep_alive = False
+            req.websocket = (req.method == "GET" and not req.chunked and req.content_length <= 0
+                             and upgrade.strip().lower() == b"websocket")
         if self.ctx.draining:
             req.keep_alive = False
         return req
@@ -978,6 +1020,25 @@ cdef class ClientProtocol:
             self.transport.write(data)
         self.stats.record_response(error.status, 0, len(data))
         self._close()
+
+    cdef void _upgraded(self, bytes rest) except *:
+        """llhttp stopped after an upgrade head: from here on the client sends no HTTP.
+
+        A stand-in parser keeps the bytes for a WebSocket tunnel (frames the client sent right after its
+        head); reading pauses until the handshake is answered. Without a tunnel they are dropped when the
+        connection closes after the answer.
+        """
+        buffer = _UpgradeBuffer()
+        if rest:
+            buffer.chunks.append(rest)
+        self.parser = buffer
+        self.upgraded = buffer
+        self._pause(PAUSE_TUNNEL)
+        cdef Request req = self.pending[len(self.pending) - 1] if self.pending else self.active
+        if req is not None:
+            req.keep_alive = False
+        else:
+            self._close()  # already answered: the connection cannot carry another request
 
     # Flow control
 
@@ -1379,10 +1440,12 @@ cdef class Exchange:
         else:
             parts += [b"Via: ", via, b", ", VIA_TOKEN, CRLF]
         parts += [b"X-Kong-Request-Id: ", req.request_id, CRLF]
+        cdef bytes conn_block = client.conn_block
         if forwarded is not None and b"x-forwarded-port" in forwarded:
-            parts.append(client.conn_block.replace(client.listener.forwarded_port_line, b""))
-        else:
-            parts.append(client.conn_block)
+            conn_block = conn_block.replace(client.listener.forwarded_port_line, b"")
+        if req.websocket:
+            conn_block = conn_block.replace(KEEP_ALIVE_LINE, WEBSOCKET_LINES)
+        parts.append(conn_block)
         if added:
             parts.extend(added)
         if req.chunked:
@@ -1428,13 +1491,14 @@ cdef class Exchange:
             self.host_line = b"Host: " + req.host.encode("latin-1") + CRLF
             if self.sni is not None:
                 self.sni = _strip_port(req.host)
-        if ip is not None:
+        if ip is not None and not req.websocket:
             conn = self.client.pool.acquire(
                 (ip, self.target_port, self.sni, None if self.sni is None else service.ssl_context))
             if conn is not None:
                 self._send(conn, True)
                 return
-        self.loop.create_task(_connect(self, ip is not None))
+        # A WebSocket handshake always goes on a fresh connection (it may become a tunnel).
+        self.loop.create_task(_connect(self, ip is not None or req.websocket))
 
     cdef void _send(self, UpstreamConnection conn, bint reused) except *:
         self.conn = conn
@@ -1678,6 +1742,70 @@ cdef class Exchange:
             conn.parser = None
             self.on_upstream_complete(conn)
 
+    cdef void on_upstream_switch(self, UpstreamConnection conn, bytes buf, Py_ssize_t start,
+                                 Py_ssize_t end) except *:
+        """The upstream accepted the WebSocket handshake (101): its head goes to the client, then both
+        connections become a byte tunnel. Plugins saw the request (access) and see this head
+        (header_filter); the tunnel's bytes go past them, and their log phase runs when it closes."""
+        if self.done:
+            return
+        cdef Request req = self.req
+        cdef ClientProtocol client = self.client
+        self.t_head = _now()
+        self.status = 101
+        cdef int verdict
+        if self.passive_status is not None and self.target >= 0:
+            verdict = (<const unsigned char*>PyBytes_AS_STRING(self.passive_status))[101]
+            client.health.report(self.upstream, self.target,
+                                 -1 if verdict == 0 else OUTCOME_SUCCESS if verdict == 1 else OUTCOME_HTTP_FAILURE)
+        if self.picked and self.upstream.observe_latency:
+            self.balancer.observe(self.target, self.t_head - self.t_sent, self.t_head)
+        cdef list pairs = _head_pairs(buf, start, end)
+        cdef bytes upgrade = b"websocket"
+        for name, value in pairs:
+            if name.lower() == "upgrade":
+                upgrade = value.encode("latin-1")
+        cdef _ResponseHead head = _scan_response_head(buf, start, end, None)
+        if head.connection_named is not None:
+            head = _scan_response_head(buf, start, end, head.connection_named)
+        chain = self.chain
+        if chain is not None and chain.header_filter:
+            self.pctx.upstream_status = 101
+            plugin_chain.run_header_filter(chain, self.pctx, 101, pairs)
+            if self.pctx.response_headers:
+                head.kept = _apply_response_ops(head.kept, self.pctx.response_headers)
+        cdef list parts = [_status_line(101)]
+        parts.extend(head.kept)
+        parts += [b"Upgrade: ", upgrade, b"\r\nConnection: upgrade\r\n",
+                  b"Via: ", (head.via + b", " + VIA_TOKEN) if head.via is not None else VIA_TOKEN, CRLF]
+        if not head.has_server:
+            parts += [b"Server: ", SERVER_TOKEN, CRLF]
+        cdef char latency[96]
+        cdef int n = snprintf(latency, sizeof(latency),
+                              "X-Kong-Upstream-Latency: %lld\r\nX-Kong-Proxy-Latency: %lld\r\nX-Kong-Request-Id: ",
+                              <long long>((self.t_head - self.t_sent) * 1000),
+                              <long long>((self.t_sent - req.t_start) * 1000))
+        parts += [PyBytes_FromStringAndSize(latency, n), req.request_id, CRLF, CRLF]
+        # From here the tunnel owns both sockets; this exchange only keeps its target until the tunnel ends.
+        self.response_started = True
+        self.done = True
+        self.conn = None
+        cdef bint upstream_paused = conn.write_paused_at != 0.0
+        cdef Tunnel tunnel = Tunnel.__new__(Tunnel)
+        tunnel.client = client
+        tunnel.exchange = self
+        tunnel.loop = self.loop
+        tunnel.client_transport = client.transport
+        tunnel.upstream_transport = conn.hand_over()
+        tunnel.idle_timeout = self.service.read_timeout
+        tunnel.stall_timeout = self.service.write_timeout
+        if upstream_paused:
+            tunnel.stalled = SIDE_UPSTREAM
+        if client.write_paused:
+            tunnel.stalled |= SIDE_CLIENT
+        early = client.upgraded
+        tunnel.start(b"".join(parts), buf[end:], (<_UpgradeBuffer>early).chunks if early is not None else [])
+
     cdef void on_upstream_body(self, bytes data) except *:
         if self.done:
             return
@@ -1727,7 +1855,7 @@ cdef class Exchange:
             self.balancer.observe(self.target, self.t_head - self.t_sent, self.t_head)
         self._release_target()
         self.conn = None
-        cdef bint reusable = self.upstream_keep_alive and self.req.body_done
+        cdef bint reusable = self.upstream_keep_alive and self.req.body_done and not self.req.websocket
         conn.detach()
         self.client.pool.release(conn, reusable)
         self._finish(self.client_keep_alive)
@@ -1836,6 +1964,179 @@ async def _connect(Exchange ex, bint fresh):
         ex.client.pool.release(conn, True)
         return
     ex._send(conn, False)
+
+
+# ---------------------------------------------------------------------------
+# WebSocket: after a 101, bytes both ways until either side closes
+
+cdef class _UpgradeBuffer:
+    """Stands in for the request parser once llhttp has stopped at an upgrade head: the client's next
+    bytes are not HTTP; they wait here for the tunnel."""
+    cdef list chunks
+
+    def __cinit__(self) -> None:
+        self.chunks = []
+
+    def feed_data(self, bytes data) -> None:
+        self.chunks.append(data)
+
+
+cdef class Tunnel:
+    """Both sockets of an upgraded connection (built by Exchange.on_upstream_switch).
+
+    Each transport gets a _TunnelEnd protocol. Back-pressure: a destination whose transport pauses
+    writing pauses reading on the other side until it resumes. When either side closes or ends its
+    stream, both close (a reset on one side aborts the other). Timeouts are idle timeouts: the
+    service's read_timeout without a byte either way, or its write_timeout with a destination paused,
+    closes both. The request ends (request_done, status 101) when the tunnel does.
+    """
+
+    def __repr__(self) -> str:
+        return (f"<Tunnel to_client={self.to_client} to_upstream={self.to_upstream} "
+                f"stalled={self.stalled} ended={self.ended}>")
+
+    cdef void start(self, bytes head, bytes from_upstream, list from_client) except *:
+        self.last_traffic = _now()
+        if self.stalled:
+            self.stalled_since = self.last_traffic
+        cdef ClientProtocol client = self.client
+        if client.timer is not None:
+            client.timer.cancel()  # the tunnel's own timer governs the connection from now on
+            client.timer = None
+        client.read_pause = 0
+        self.client_transport.set_protocol(_TunnelEnd(self, SIDE_CLIENT))
+        self.upstream_transport.set_protocol(_TunnelEnd(self, SIDE_UPSTREAM))
+        # Bytes that came with the heads: frames the upstream sent right after its 101, and the client's
+        # right after its handshake request.
+        self.to_client = PyBytes_GET_SIZE(from_upstream)
+        self.client_transport.write(head + from_upstream if from_upstream else head)
+        if from_client:
+            data = b"".join(from_client)
+            from_client.clear()
+            self.to_upstream = PyBytes_GET_SIZE(data)
+            self.upstream_transport.write(data)
+        if self.stalled & SIDE_UPSTREAM:
+            self.client_transport.pause_reading()
+        else:
+            self.client_transport.resume_reading()
+        if self.stalled & SIDE_CLIENT:
+            self.upstream_transport.pause_reading()
+        else:
+            self.upstream_transport.resume_reading()
+        self._schedule(self.last_traffic + (self.stall_timeout if self.stalled else self.idle_timeout))
+
+    cdef void forward(self, int side, bytes data) except *:
+        if self.ended:
+            return
+        self.last_traffic = _now()
+        if side == SIDE_CLIENT:
+            self.to_upstream += PyBytes_GET_SIZE(data)
+            self.upstream_transport.write(data)
+        else:
+            self.to_client += PyBytes_GET_SIZE(data)
+            self.client_transport.write(data)
+
+    cdef bint on_eof(self) except -1:
+        # One side finished sending: both close, each after what is already written to it (as nginx
+        # ends an upgraded connection; WebSocket's own closing handshake has happened in frames by then).
+        self._end(False)
+        return False
+
+    cdef void on_lost(self, int side, object exc) except *:
+        if not self.ended:
+            # A reset cuts the other side too; a clean close lets what is written go out first.
+            self._end(exc is not None)
+        if side == SIDE_CLIENT:
+            self.client.connection_lost(exc)  # the client connection's own accounting (stats, drain set)
+
+    cdef void on_pause(self, int side) except *:
+        # `side`'s transport has too much to write: stop reading from the other side.
+        if self.ended:
+            return
+        cdef double now = _now()
+        if not self.stalled:
+            self.stalled_since = now
+        self.stalled |= side
+        (self.client_transport if side == SIDE_UPSTREAM else self.upstream_transport).pause_reading()
+        if self.timer_at > self.stalled_since + self.stall_timeout:
+            self.timer.cancel()
+            self._schedule(self.stalled_since + self.stall_timeout)
+
+    cdef void on_resume(self, int side) except *:
+        if self.ended:
+            return
+        self.stalled &= ~side
+        self.last_traffic = _now()
+        (self.client_transport if side == SIDE_UPSTREAM else self.upstream_transport).resume_reading()
+
+    cdef void _schedule(self, double deadline) except *:
+        self.timer_at = deadline
+        self.timer = self.loop.call_at(deadline, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        # Lazy: traffic only moves last_traffic; the timer re-arms itself when it fires early.
+        self.timer = None
+        if self.ended:
+            return
+        cdef double now = _now()
+        cdef double deadline = (self.stalled_since + self.stall_timeout if self.stalled
+                                else self.last_traffic + self.idle_timeout)
+        if now < deadline:
+            self._schedule(deadline)
+            return
+        cdef Request req = self.exchange.req
+        if self.stalled:
+            log.info("WebSocket %s: a peer took no bytes for %.3gs, closed", req.path, self.stall_timeout)
+        else:
+            log.info("WebSocket %s: idle for %.3gs, closed", req.path, self.idle_timeout)
+        self._end(self.stalled != 0)
+
+    cdef void _end(self, bint abort) except *:
+        if self.ended:
+            return
+        self.ended = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if abort:
+            self.client_transport.abort()
+            self.upstream_transport.abort()
+        else:
+            self.client_transport.close()
+            self.upstream_transport.close()
+        cdef Exchange exchange = self.exchange
+        exchange._release_target()
+        cdef Request req = exchange.req
+        req.body_bytes += self.to_upstream  # bytes_in counts what the client sent through the tunnel
+        self.client.request_done(req, 101, self.to_client, False)
+
+
+cdef class _TunnelEnd:
+    """The protocol of one tunnel socket after the switch; everything goes to the Tunnel."""
+    cdef Tunnel tunnel
+    cdef int side
+
+    def __cinit__(self, Tunnel tunnel, int side) -> None:
+        self.tunnel = tunnel
+        self.side = side
+
+    def data_received(self, bytes data) -> None:
+        self.tunnel.forward(self.side, data)
+
+    def eof_received(self) -> bool:
+        return self.tunnel.on_eof()
+
+    def connection_lost(self, exc: object) -> None:
+        cdef Tunnel tunnel = self.tunnel
+        self.tunnel = None  # the transport keeps its protocol: break the cycle
+        if tunnel is not None:
+            tunnel.on_lost(self.side, exc)
+
+    def pause_writing(self) -> None:
+        self.tunnel.on_pause(self.side)
+
+    def resume_writing(self) -> None:
+        self.tunnel.on_resume(self.side)
 
 
 # Hash input (Kong's hash_on / hash_fallback): only for consistent-hashing upstreams.
