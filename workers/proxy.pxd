@@ -19,15 +19,26 @@ from shared_state.health cimport HealthTable
 from shared_state.series cimport SeriesTable
 
 
+cdef class RouteSeries:
+    # One route's series in this worker's region, resolved once (proxy.pyx SeriesRecorder).
+    cdef uint64_t* vec
+    cdef dict codes                            # status * 2 + answered -> address of the count vector
+    cdef str service_label
+    cdef str route_label
+
+
 cdef class SeriesRecorder:
     # One per worker: requests by route and code, latency histograms and bandwidth, per-target counts,
-    # into this worker's region of the shared series table (single writer). Indexes cached by key.
+    # into this worker's region of the shared series table (single writer). Vector addresses are
+    # resolved once and cached on the route (RouteRuntime.series) and upstream (series_targets).
     cdef SeriesTable table
     cdef int slot
-    cdef dict routes                           # (service label, route label) -> series index
-    cdef dict codes                            # (service label, route label, code, source) -> index
-    cdef dict targets                          # (upstream, "host:port") -> index
+    cdef dict routes
+    cdef dict codes
+    cdef dict targets
+    cdef object unrouted                       # RouteSeries of requests no route matched
 
+    cdef RouteSeries _route_series(self, str service_label, str route_label)
     cdef void record(self, Request req, int status, long long bytes_out) except *
     cdef void target_failure(self, object upstream, int index, bint timeout) except *
     cdef uint64_t* _target_vector(self, object upstream, int target) except NULL
@@ -125,6 +136,7 @@ cdef class ClientProtocol:
     cdef WorkerStats stats
     cdef HealthSync health
     cdef SeriesRecorder series
+    cdef object access_log             # workers.access_log.AccessLog or None
     cdef Py_ssize_t max_request_line
     cdef Py_ssize_t max_header_bytes
     cdef Py_ssize_t max_headers

@@ -650,6 +650,7 @@ cdef class ClientProtocol:
         self.stats = ctx.stats
         self.health = ctx.health
         self.series = ctx.series
+        self.access_log = ctx.access_log
         settings = ctx.settings
         self.max_request_line = settings.max_request_line
         self.max_header_bytes = settings.max_header_bytes
@@ -945,7 +946,7 @@ cdef class ClientProtocol:
         self.requests_served += 1
         if self.series is not None:
             self.series.record(req, status, bytes_out)
-        if self.ctx.access_log is not None:
+        if self.access_log is not None:
             _access_log(self, req, status, bytes_out)
         if req.plugin_ctx is not None:
             _plugin_log(req, status, bytes_out)
@@ -1173,6 +1174,11 @@ cdef bytes _origin_form(bytes url):
 # ---------------------------------------------------------------------------
 # Labelled counters in shared memory (the stats socket and /metrics read them)
 
+cdef class RouteSeries:
+    """One route's series in this worker's region, resolved once: the vector address and the
+    (status, source) count addresses, so recording a request is a few adds, not lookups."""
+
+
 cdef class SeriesRecorder:
     def __init__(self, SeriesTable table, int slot) -> None:
         self.table = table
@@ -1180,29 +1186,39 @@ cdef class SeriesRecorder:
         self.routes = {}
         self.codes = {}
         self.targets = {}
+        self.unrouted = None
+
+    cdef RouteSeries _route_series(self, str service_label, str route_label):
+        cdef RouteSeries series = RouteSeries.__new__(RouteSeries)
+        index = self.table.series_index(self.slot, route_key(service_label, route_label), KIND_ROUTE)
+        series.vec = self.table.vector(self.slot, index)
+        series.codes = {}
+        series.service_label = service_label
+        series.route_label = route_label
+        return series
 
     cdef void record(self, Request req, int status, long long bytes_out) except *:
         cdef Exchange exchange = req.exchange
-        cdef str service_label = ""
-        cdef str route_label = ""
-        cdef double now = _now()
-        cdef double total = now - req.t_start
+        cdef double total = _now() - req.t_start
         cdef double upstream_time = 0.0
         cdef bint answered = False
+        cdef RouteSeries series
         if exchange is not None:
             route = exchange.route
-            service = route.service  # the route's own service, even when a fallback step answered
-            service_label = service.name or service.host
-            route_label = route.name or route.id
+            cached = route.series
+            if cached is None:
+                owner = route.service  # the route's own service, even when a fallback step answered
+                cached = self._route_series(owner.name or owner.host, route.name or route.id)
+                route.series = cached
+            series = <RouteSeries>cached
             if exchange.t_head > 0:
                 upstream_time = exchange.t_head - exchange.t_sent
                 answered = exchange.status == status
-        cdef tuple key = (service_label, route_label)
-        index = self.routes.get(key)
-        if index is None:
-            index = self.table.series_index(self.slot, route_key(service_label, route_label), KIND_ROUTE)
-            self.routes[key] = index
-        cdef uint64_t* vec = self.table.vector(self.slot, index)
+        else:
+            if self.unrouted is None:
+                self.unrouted = self._route_series("", "")
+            series = <RouteSeries>self.unrouted
+        cdef uint64_t* vec = series.vec
         cdef int klass = status // 100
         series_add(vec, R_REQUESTS, 1)
         if 1 <= klass <= 5:
@@ -1213,13 +1229,14 @@ cdef class SeriesRecorder:
         if answered:
             series_observe(vec, R_UPSTREAM_LATENCY, <uint64_t>(upstream_time * 1e6))
         series_observe(vec, R_KONG_LATENCY, <uint64_t>(max(0.0, total - upstream_time) * 1e6))
-        cdef tuple ckey = (service_label, route_label, status, answered)
-        index = self.codes.get(ckey)
-        if index is None:
-            index = self.table.series_index(self.slot, code_key(service_label, route_label, status,
+        code = status * 2 + answered
+        address = series.codes.get(code)
+        if address is None:
+            index = self.table.series_index(self.slot, code_key(series.service_label, series.route_label, status,
                                                                 "service" if answered else "kong"), KIND_CODE)
-            self.codes[ckey] = index
-        series_add(self.table.vector(self.slot, index), C_REQUESTS, 1)
+            address = <size_t>self.table.vector(self.slot, index)
+            series.codes[code] = address
+        series_add(<uint64_t*><size_t>address, C_REQUESTS, 1)
         if exchange is not None and exchange.upstream is not None and exchange.target >= 0:
             vec = self._target_vector(exchange.upstream, exchange.target)
             series_add(vec, T_REQUESTS, 1)
@@ -1234,13 +1251,15 @@ cdef class SeriesRecorder:
         series_add(self._target_vector(upstream, index), T_TIMEOUTS if timeout else T_CONNECT_FAILURES, 1)
 
     cdef uint64_t* _target_vector(self, object upstream, int target) except NULL:
-        host, port, _ = upstream.targets[target]
-        cdef tuple key = (upstream.name, host, port)
-        index = self.targets.get(key)
-        if index is None:
-            index = self.table.series_index(self.slot, target_key(upstream.name, f"{host}:{port}"), KIND_TARGET)
-            self.targets[key] = index
-        return self.table.vector(self.slot, index)
+        cdef list addresses = upstream.series_targets
+        if addresses is None:
+            # Resolved once per upstream and generation: one vector address per target.
+            addresses = []
+            for host, port, _ in upstream.targets:
+                index = self.table.series_index(self.slot, target_key(upstream.name, f"{host}:{port}"), KIND_TARGET)
+                addresses.append(<size_t>self.table.vector(self.slot, index))
+            upstream.series_targets = addresses
+        return <uint64_t*><size_t>addresses[target]
 
 
 # ---------------------------------------------------------------------------
@@ -2275,7 +2294,7 @@ def _access_log(ClientProtocol client, Request req, int status, long long bytes_
     raw = req.raw_path if req.raw_path is not None else b""
     if req.query is not None:
         raw += b"?" + req.query
-    client.ctx.access_log.record({
+    client.access_log.record({
         "time": access_log_time(time.time()),
         "client": client.peer_ip,
         "method": req.method,

@@ -29,7 +29,7 @@ class UpstreamRuntime:
     __slots__ = ("name", "balancer", "targets", "target_ips", "host_header", "hash_on", "hash_on_key",
                  "observe_latency", "hash_fallback", "hash_fallback_key", "hash_cookie_path",
                  "health_slots", "health_policy", "passive_status", "next_trial_ms", "health_mode",
-                 "outlier", "threshold", "checker")
+                 "outlier", "threshold", "checker", "series_targets")
 
     def __init__(self, upstream: Any, health: HealthTable | None = None) -> None:
         self.name: str = upstream.name
@@ -60,6 +60,7 @@ class UpstreamRuntime:
         self.passive_status: bytes | None = None
         self.next_trial_ms: int = 0
         self.health_mode: str = "normal"
+        self.series_targets: list[int] | None = None  # this worker's series vector per target (proxy.pyx)
         if health is not None:
             self.health_slots = tuple(health.slot_for(self.name, host, port) for host, port, _ in self.targets)
             for (host, port, _), slot in zip(self.targets, self.health_slots):
@@ -234,13 +235,14 @@ def _trusted_cas(config: "Config", service: Any) -> tuple[str, ...]:
 
 class RouteRuntime:
     __slots__ = ("id", "name", "service", "preserve_host", "protocols", "plugins", "https_only",
-                 "https_redirect_status_code")
+                 "https_redirect_status_code", "series")
 
     def __init__(self, route: Any, service: ServiceRuntime | None, plugins: Chain | None = None) -> None:
         self.id: str = route.id
         self.name: str | None = route.name
         self.service = service
         self.plugins = plugins  # None: no plugin applies, the request path skips every phase
+        self.series = None  # this worker's counters for the route, resolved at its first request (proxy.pyx)
         self.preserve_host: bool = route.preserve_host
         self.protocols: tuple[str, ...] = tuple(route.protocols)
         # Kong: a route with https but not http answers plain-http requests with 426 or a redirect.
