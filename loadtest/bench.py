@@ -10,6 +10,11 @@ saves JSON under loadtest/results/, and stops every process it started, by PID.
 --tls adds two targets: nginx and Ringgate terminating TLS (same certificate, made for the run) with
 wrk over https and keep-alive, next to the plain ones in the same rounds and the same table.
 
+--variants health,fallback,breaker-open,access-log adds Ringgate with one feature on (see
+loadtest/variants.py), each its own row, right after plain Ringgate in every round, compared with
+nginx and with plain Ringgate. A variant's gateway is started before its measurement and stopped
+after it, so only one gateway works at a time.
+
 CPU pinning (taskset): both proxies on CPU 0; the origin and wrk on CPU 1. See loadtest/README.md.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +47,8 @@ REPO_ROOT = LOADTEST_DIR.parent
 RESULTS_DIR = LOADTEST_DIR / "results"
 sys.path.insert(0, str(LOADTEST_DIR))
 
-import gen_config  # noqa: E402  (sibling module; the path entry above makes it importable)
+import gen_config  # noqa: E402  (sibling modules; the path entry above makes them importable)
+import variants  # noqa: E402
 
 TARGETS: tuple[str, ...] = ("origin", "nginx", "ringgate")
 # With --tls: the same proxies on a second, TLS port; each TLS row is compared with nginx's TLS row.
@@ -56,11 +63,23 @@ TLS_CIPHERS = ":".join((
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
     "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
 ))  # fmt: skip
+VARIANT_PREFIX = "ringgate+"  # a variant's target name: "ringgate+health"
 RINGGATE_READY_PREFIX = "ringgate: ready"
 WRK_SOCKET_TIMEOUT = "5s"
 STOP_GRACE_SECONDS = 15.0
 ORIGIN_STATUS_PATH = "/nginx_status"
 NOISY_CPU_BUSY = 0.10
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def title_of(target: str) -> str:
+    if target.startswith(VARIANT_PREFIX):
+        return variants.VARIANTS[target.removeprefix(VARIANT_PREFIX)].title
+    return TARGET_TITLES[target]
+
+
+def is_variant(target: str) -> bool:
+    return target.startswith(VARIANT_PREFIX)
 
 
 def _fixed_body(size: int, seed: str) -> bytes:
@@ -173,6 +192,21 @@ class Server:
             if start is not None:
                 self.known_tree[pid] = start
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the whole recorded tree so far (live processes; a thread that
+        exited is still counted in its process's total)."""
+        self.refresh_tree()
+        ticks = 0
+        for pid, start in self.known_tree.items():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[19]) == start:
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / CLOCK_TICKS
+
     def stop(self, stop_signal: int) -> list[str]:
         """Signal the root by PID, wait, then SIGKILL whatever of the recorded tree is left.
         Returns warnings for every process that had to be killed."""
@@ -224,14 +258,19 @@ class Supervisor:
         self.servers.append(server)
         return server
 
+    def stop(self, server: Server) -> None:
+        """Stop one server now (a variant's gateway after its measurement)."""
+        self.servers.remove(server)
+        # Ringgate stops gracefully on SIGTERM; nginx on SIGQUIT.
+        stop_signal = signal.SIGTERM if server.name.startswith("ringgate") else signal.SIGQUIT
+        try:
+            self.warnings += server.stop(stop_signal)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            self.warnings.append(f"could not stop {server.name} (pid {server.process.pid}): {error}")
+
     def stop_all(self) -> None:
-        stop_signals = {"ringgate": signal.SIGTERM}  # nginx: SIGQUIT is its graceful shutdown
         while self.servers:
-            server = self.servers.pop()
-            try:
-                self.warnings += server.stop(stop_signals.get(server.name, signal.SIGQUIT))
-            except (OSError, subprocess.TimeoutExpired) as error:
-                self.warnings.append(f"could not stop {server.name} (pid {server.process.pid}): {error}")
+            self.stop(self.servers[-1])
 
 
 @contextmanager
@@ -610,6 +649,11 @@ class CaseResult:
     origin_connections_opened: int
     rps_ratio_to_nginx: float | None = None
     p99_ratio_to_nginx: float | None = None
+    # CPU time the proxy's process tree used during the measured run, per completed request: unlike
+    # req/s, it hardly moves when other work on a shared machine takes turns on the proxy's CPU.
+    proxy_cpu_us_per_request: float | None = None
+    # Plain Ringgate and its variants: req/s over plain Ringgate's median row at the same size.
+    rps_ratio_to_ringgate: float | None = None
 
 
 def median_case(runs: list[CaseResult]) -> CaseResult:
@@ -624,8 +668,12 @@ def baseline_of(target: str) -> str:
 
 
 def add_ratios(cases: list[CaseResult]) -> None:
-    baseline = {(case.size, case.target): case.result for case in cases if case.target in ("nginx", "nginx-tls")}
+    baseline = {(case.size, case.target): case.result
+                for case in cases if case.target in ("nginx", "nginx-tls", "ringgate")}
     for case in cases:
+        ringgate = baseline.get((case.size, "ringgate"))
+        if ringgate is not None and (case.target == "ringgate" or is_variant(case.target)):
+            case.rps_ratio_to_ringgate = case.result.requests_per_sec / ringgate.requests_per_sec
         nginx = baseline.get((case.size, baseline_of(case.target)))
         if nginx is None:
             continue
@@ -646,11 +694,76 @@ TLS_NOTE = ("- TLS rows: wrk over https with keep-alive (one handshake per conne
             "compared with nginx's TLS row")
 
 
+VARIANTS_NOTE = ("- variants: each is its own gateway, started before its measurement and stopped after it, "
+                 "pinned like plain ringgate; measured right after plain ringgate in every round")
+
+
+def cost_verdict(variant: variants.Variant, median_ratio: float) -> str:
+    cost = 1.0 - median_ratio
+    text = f"{cost:+.1%}" if cost < 0 else f"{cost:.1%}"
+    if variant.max_cost is None:
+        return text
+    verdict = "met" if cost <= variant.max_cost else "**missed**"
+    return f"{text} (issue {variant.issue}: at most {variant.max_cost:.0%}, {verdict})"
+
+
+def _median_over(values: list[float], control: list[float]) -> str:
+    """Median of the round-by-round quotients values[i] / control[i]."""
+    quotients = [value / base for value, base in zip(values, control) if base > 0]
+    return f"{statistics.median(quotients):.2f}" if quotients else "n/a"
+
+
+def variant_report(meta: dict[str, object]) -> list[str]:
+    """Each variant over plain ringgate, per round (the two were measured back to back), and the
+    median of those per-round ratios, which the budget of the variant's issue is checked against.
+    Two measures: req/s, and plain ringgate's CPU per request over the variant's (the req/s ratio a
+    CPU-bound proxy would show, much steadier when other work shares the machine)."""
+    ratios, cpu_ratios = meta["variant_ratios_to_ringgate"], meta["variant_cpu_ratios_to_ringgate"]
+    assert isinstance(ratios, dict) and isinstance(cpu_ratios, dict)
+    with_control = "control" in ratios
+    lines = [
+        ("Variants over plain ringgate, per round (measured back to back), and the median round; "
+         "cost = 1 - median ratio"
+         + ("; the last two columns divide each round's ratio by the restarted control's in that round "
+            "(both are fresh processes):" if with_control else ":")),
+        "",
+        ("| variant | size | req/s ratio per round | median | cost by req/s "
+         "| CPU-per-request ratio per round | median | cost by CPU per request |"
+         + (" req/s over control, median | CPU over control, median |" if with_control else "")),
+        "|---|---|---|---:|---|---|---:|---|" + ("---:|---:|" if with_control else ""),
+    ]
+    for name, by_size in ratios.items():
+        variant = variants.VARIANTS[name]
+        for size, per_round in by_size.items():
+            if not per_round:
+                continue
+            median = statistics.median(per_round)
+            cpu_round = cpu_ratios.get(name, {}).get(size, [])
+            cpu_cells = "n/a | n/a | n/a"
+            if cpu_round:
+                cpu_median = statistics.median(cpu_round)
+                cpu_cells = (f"{', '.join(f'{r:.2f}' for r in cpu_round)} | {cpu_median:.2f} | "
+                             f"{cost_verdict(variant, cpu_median)}")
+            control_cells = ""
+            if with_control:
+                control_cells = (f" {_median_over(per_round, ratios['control'].get(size, []))} |"
+                                 f" {_median_over(cpu_round, cpu_ratios['control'].get(size, []))} |")
+            lines.append(f"| {variant.title} | {size} | {', '.join(f'{r:.2f}' for r in per_round)} | "
+                         f"{median:.2f} | {cost_verdict(variant, median)} | {cpu_cells} |{control_cells}")
+    lines += ["", "What each variant is:", ""]
+    lines += [f"- {variants.VARIANTS[name].title}: {variants.VARIANTS[name].summary}" for name in ratios]
+    return lines
+
+
 def markdown_report(
     cases: list[CaseResult], meta: dict[str, object], memory: dict[str, TreeMemory]
 ) -> str:
     machine, settings, background_busy = meta["machine"], meta["settings"], meta["background_cpu_busy"]
+    round_ratios = meta["round_ratios"]
+    rebuilt = meta.get("extensions_rebuilt_during_run") or []
+    assert isinstance(rebuilt, list)
     assert isinstance(machine, dict) and isinstance(settings, dict) and isinstance(background_busy, dict)
+    assert isinstance(round_ratios, dict)
     lines = [
         "## Ringgate vs nginx: loopback benchmark",
         "",
@@ -664,30 +777,46 @@ def markdown_report(
         f"- routes: {settings['routes']} prefix routes on both proxies; the benchmarked one is "
         f"#{settings['target_route_index']} `{settings['target_route']}`, after shorter decoy prefixes",
         background_line(background_busy, settings),
-        f"- rounds: {settings['rounds']}, targets interleaved; each row is that target's median round; "
-        "ringgate/nginx req/s per round: "
+        *([f"- **compiled extensions changed on disk during the run** ({', '.join(rebuilt)}): gateways started "
+           "after that (variants) may run other code than plain ringgate; repeat the run"] if rebuilt else []),
+        f"- rounds: {settings['rounds']}, targets interleaved; each row is that target's median round"
+        + ("; ringgate/nginx req/s per round: " if any(round_ratios.values()) else "")
         + "; ".join(f"{size} " + ", ".join(f"{ratio:.2f}" for ratio in ratios)
-                    for size, ratios in meta["round_ratios"].items()),  # type: ignore[union-attr]
+                    for size, ratios in round_ratios.items() if ratios),
         *([TLS_NOTE] if settings.get("tls") else []),
+        *([VARIANTS_NOTE] if settings.get("variants") else []),
         "",
-        "| target | size | req/s | p50 | p99 | req/s ratio to nginx | p99 ratio to nginx | errors "
-        "| CPU busy (proxy / load) | origin conns opened |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    with_variants = bool(settings.get("variants"))
+    ringgate_column = (("req/s ratio to ringgate | proxy CPU per request | ", "---:|---:|") if with_variants
+                       else ("", ""))
+    lines += [
+        "| target | size | req/s | p50 | p99 | req/s ratio to nginx | p99 ratio to nginx | " + ringgate_column[0]
+        + "errors | CPU busy (proxy / load) | origin conns opened |",
+        "|---|---|---:|---:|---:|---:|---:|" + ringgate_column[1] + "---:|---:|---:|",
     ]
     for case in cases:
         r = case.result
+        ringgate_ratio = ""
+        if with_variants:
+            cpu = case.proxy_cpu_us_per_request
+            ringgate_ratio = (f"{format_ratio(case.rps_ratio_to_ringgate)} | "
+                              f"{'n/a' if cpu is None else f'{cpu:.1f} µs'} | ")
         lines.append(
-            f"| {TARGET_TITLES[case.target]} | {case.size} | {r.requests_per_sec:,.0f} | {format_ms(r.p50_us)} | "
+            f"| {title_of(case.target)} | {case.size} | {r.requests_per_sec:,.0f} | {format_ms(r.p50_us)} | "
             f"{format_ms(r.p99_us)} | {format_ratio(case.rps_ratio_to_nginx)} | "
-            f"{format_ratio(case.p99_ratio_to_nginx)} | {r.errors} | "
+            f"{format_ratio(case.p99_ratio_to_nginx)} | {ringgate_ratio}{r.errors} | "
             f"{case.proxy_cpu_busy:.0%} / {case.load_cpu_busy:.0%} | {case.origin_connections_opened} |"
         )
+    if with_variants:
+        lines += ["", *variant_report(meta)]
     if memory:
-        lines += ["", "Memory of each proxy after the run (whole process tree):", "",
+        lines += ["", "Memory of each proxy after the run (whole process tree"
+                  + ("; a variant's after its last measurement):" if with_variants else "):"), "",
                   "| proxy | processes | RSS | PSS |", "|---|---:|---:|---:|"]
         for name, info in memory.items():
             rss_mib, pss_mib = info["rss_kib_total"] / 1024, info["pss_kib_total"] / 1024
-            lines.append(f"| {TARGET_TITLES[name]} | {info['process_count']} | {rss_mib:.1f} MiB | {pss_mib:.1f} MiB |")
+            lines.append(f"| {title_of(name)} | {info['process_count']} | {rss_mib:.1f} MiB | {pss_mib:.1f} MiB |")
     return "\n".join(lines)
 
 
@@ -712,6 +841,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) after success")
     parser.add_argument("--tls", action="store_true",
                         help="also measure nginx and ringgate terminating TLS (https, keep-alive), same certificate")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated Ringgate variants measured next to plain ringgate, from "
+                             f"{','.join(variants.VARIANTS)} (default: none; see loadtest/variants.py)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
@@ -721,6 +853,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--targets takes names from {', '.join(TARGETS)}")
     if args.tls:
         args.target_list += [tls for tls, plain in TLS_TARGETS.items() if plain in args.target_list]
+    try:
+        args.variant_list = variants.parse_variant_list(args.variants)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.variant_list and "ringgate" not in args.target_list:
+        parser.error("--variants are compared with plain ringgate: keep ringgate in --targets")
     if args.duration <= 0 or args.warmup < 0 or args.connections < 1 or args.workers < 1 or args.rounds < 1:
         parser.error("--duration and --connections and --workers must be positive, --warmup non-negative")
     for option in ("proxy_cpus", "load_cpus"):
@@ -756,8 +894,96 @@ def start_nginx(supervisor: Supervisor, name: str, prefix: Path, conf_text: str,
     return supervisor.start(name, argv, port, prefix / "logs/stdout.log")
 
 
+def extension_stamps() -> dict[str, float]:
+    """Modification times of the repository's compiled extensions. Plain ringgate loads them once,
+    at the start; a variant started later loads whatever is on disk then, so a rebuild during the
+    run (another session's build, say) would compare different code."""
+    return {str(path.relative_to(REPO_ROOT)): path.stat().st_mtime
+            for directory in ("fastpath", "shared_state", "workers") for path in (REPO_ROOT / directory).glob("*.so")}
+
+
+def start_ringgate(
+    supervisor: Supervisor, name: str, directory: Path, kong_yml: Path, listen: str, port: int, admin_port: int,
+    args: argparse.Namespace, extra_args: Sequence[str] = (),
+) -> Server:
+    argv = [
+        "taskset", "-c", args.proxy_cpus, sys.executable, "-m", "ringgate", "start", "-c", str(kong_yml),
+        "--proxy-listen", listen, "--admin-listen", f"127.0.0.1:{admin_port}",
+        "--workers", str(args.workers), "--prefix", str(directory / "prefix"), *extra_args,
+    ]
+    # Unbuffered, so the ready line reaches the log file as soon as it is printed.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return supervisor.start(name, argv, port, directory / "stdout.log", env)
+
+
+@dataclass
+class VariantContext:
+    """What every start of a variant's gateway needs."""
+
+    base_config: dict[str, object]
+    origin_ports: variants.OriginPorts
+    route_name: str
+    request_paths: list[tuple[str, bytes]]  # (path through the proxy, expected body) for every size
+    work_dir: Path
+    starts: int = 0
+
+
+@dataclass
+class VariantRun:
+    variant: variants.Variant
+    server: Server
+    admin_port: int
+    directory: Path
+
+
+def start_variant(
+    supervisor: Supervisor, variant: variants.Variant, context: VariantContext, args: argparse.Namespace
+) -> VariantRun:
+    """Start the variant's own gateway (fresh ports and prefix) and check that its feature is on."""
+    import yaml
+
+    context.starts += 1
+    directory = context.work_dir / "variants" / f"{variant.name}-{context.starts}"
+    directory.mkdir(parents=True)
+    config = variants.variant_config(context.base_config, variant, context.origin_ports, context.route_name)
+    kong_yml = directory / "kong.yml"
+    kong_yml.write_text(yaml.safe_dump(config, sort_keys=False))
+    proxy_port, admin_port = free_ports(2)
+    server = start_ringgate(supervisor, VARIANT_PREFIX + variant.name, directory, kong_yml,
+                            f"127.0.0.1:{proxy_port}", proxy_port, admin_port, args, variant.cli_args(directory))
+    for path, body in context.request_paths:
+        wait_until_serving(server, path, body, args.startup_timeout, RINGGATE_READY_PREFIX)
+    problems: list[str] = []
+    for path, body in context.request_paths:
+        answer = variants.get(proxy_port, path)
+        if answer.status != 200 or answer.body != body:
+            problems.append(f"GET {path} answered {answer.status} with {len(answer.body)} bytes")
+        problems += [f"GET {path}: {problem}" for problem in variant.check_answer(answer)]
+    problems += variant.check_admin(admin_port)
+    if problems:
+        raise BenchError(
+            f"variant {variant.name}: the pre-flight check failed: " + "; ".join(problems)
+            + f"\ncommand: {shlex.join(server.argv)}\nlog {server.log_path}:\n{log_tail(server.log_path)}"
+        )
+    return VariantRun(variant, server, admin_port, directory)
+
+
+def stop_variant(supervisor: Supervisor, run: VariantRun) -> dict[str, object]:
+    """Stop the variant's gateway; returns facts worth keeping (the access log's line count)."""
+    supervisor.stop(run.server)
+    facts: dict[str, object] = {}
+    log_path = variants.access_log_path(run.directory)
+    if log_path.exists():
+        with log_path.open("rb") as log_file:
+            facts["access_log_lines"] = sum(chunk.count(b"\n") for chunk in iter(lambda: log_file.read(1 << 20), b""))
+        facts["access_log_bytes"] = log_path.stat().st_size
+        log_path.unlink()  # hundreds of MB over a long run; the count is what matters
+    return facts
+
+
 def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dict[str, object]:
     targets: list[str] = args.target_list
+    variant_names: list[str] = args.variant_list
     proxy_cpus, load_cpus = parse_cpu_list(args.proxy_cpus), parse_cpu_list(args.load_cpus)
     # Other work on these CPUs skews every number; measure it once so the report can say so.
     idle_before = cpu_jiffies(proxy_cpus), cpu_jiffies(load_cpus)
@@ -765,7 +991,8 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
     background_busy = {"proxy": busy_fraction(idle_before[0], cpu_jiffies(proxy_cpus)),
                        "load": busy_fraction(idle_before[1], cpu_jiffies(load_cpus))}
     routes = gen_config.build_route_set(args.routes)
-    origin_port, nginx_port, ringgate_port, admin_port, nginx_tls_port, ringgate_tls_port = free_ports(6)
+    (origin_port, nginx_port, ringgate_port, admin_port, nginx_tls_port, ringgate_tls_port,
+     backup_port, failing_port) = free_ports(8)
     ports = {"origin": origin_port, "nginx": nginx_port, "ringgate": ringgate_port,
              "nginx-tls": nginx_tls_port, "ringgate-tls": ringgate_tls_port}
     proxied_prefix = routes.target_prefix.rstrip("/")
@@ -781,17 +1008,26 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
         return size.origin_path if target == "origin" else proxied_prefix + size.origin_path
 
     # The origin: workers run as an unprivileged user when nginx starts as root, so the body file
-    # and the directories above it must be world-readable.
+    # and the directories above it must be world-readable. Variants may need two more listeners.
+    needs = set().union(*(variants.VARIANTS[name].needs for name in variant_names))
     work_dir.chmod(0o755)
     origin_dir = work_dir / "origin"
     origin_dir.mkdir(mode=0o755)
     large_file = origin_dir / "large.bin"
     large_file.write_bytes(SIZES[1].body)
     large_file.chmod(0o644)
-    origin_conf = gen_config.nginx_origin_conf(origin_dir, origin_port, SIZES[0].body.decode(), large_file)
+    origin_conf = gen_config.nginx_origin_conf(
+        origin_dir, origin_port, SIZES[0].body.decode(), large_file,
+        backup_port=backup_port if "backup" in needs else None,
+        failing_port=failing_port if "failing" in needs else None,
+    )
     origin = start_nginx(supervisor, "origin", origin_dir, origin_conf, origin_port, args.load_cpus)
     for size in SIZES:
         wait_until_serving(origin, size.origin_path, size.body, args.startup_timeout, None)
+    if "backup" in needs:
+        backup = Server("origin backup listener", origin.process, backup_port, origin.log_path, origin.argv)
+        for size in SIZES:
+            wait_until_serving(backup, size.origin_path, size.body, args.startup_timeout, None)
 
     servers: dict[str, Server] = {"origin": origin}
     if "nginx" in targets:
@@ -811,14 +1047,8 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
             kong_text = ringgate_config_with_tls(kong_text, cert_path, key_path)
             listen += f", 127.0.0.1:{ringgate_tls_port} ssl"
         kong_yml.write_text(kong_text)
-        argv = [
-            "taskset", "-c", args.proxy_cpus, sys.executable, "-m", "ringgate", "start", "-c", str(kong_yml),
-            "--proxy-listen", listen, "--admin-listen", f"127.0.0.1:{admin_port}",
-            "--workers", str(args.workers), "--prefix", str(ringgate_dir / "prefix"),
-        ]
-        # Unbuffered, so the ready line reaches the log file as soon as it is printed.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        servers["ringgate"] = supervisor.start("ringgate", argv, ringgate_port, ringgate_dir / "stdout.log", env)
+        servers["ringgate"] = start_ringgate(supervisor, "ringgate", ringgate_dir, kong_yml, listen, ringgate_port,
+                                             admin_port, args)
     for name in ("nginx", "ringgate"):
         if name in servers:
             ready_line = RINGGATE_READY_PREFIX if name == "ringgate" else None
@@ -829,24 +1059,44 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
             servers[name] = servers[plain]  # the same process, measured on its TLS port
             for size in SIZES:
                 check_tls_serving(name, ports[name], request_path(name, size), size.body, certificate_der)
+    extensions_at_start = extension_stamps()
+    variant_context = VariantContext(
+        base_config=gen_config.kong_declarative_config(origin_port, routes),
+        origin_ports=variants.OriginPorts(main=origin_port, backup=backup_port, failing=failing_port),
+        route_name=gen_config.route_name(routes.target_index),
+        request_paths=[(request_path("ringgate", size), size.body) for size in SIZES],
+        work_dir=work_dir,
+    )
 
     script = work_dir / "report.lua"
     script.write_text(WRK_REPORT_LUA)
-    # Rounds interleave the targets (origin, nginx, ringgate, origin, nginx, ...) so that a slow spell
-    # of this shared machine hits every target alike; the table shows each target's median round.
+    # Rounds interleave the targets (origin, nginx, ringgate, its variants, then the TLS rows) so that a
+    # slow spell of this shared machine hits every target alike; the table shows each target's median round.
+    order = [name for name in TARGETS if name in targets]
+    order += [VARIANT_PREFIX + name for name in variant_names]
+    order += [name for name in TLS_TARGETS if name in targets]
     measured: dict[tuple[str, str], list[CaseResult]] = {}
+    memory: dict[str, TreeMemory] = {}
+    variant_facts: dict[str, list[dict[str, object]]] = {}
     for size in SIZES:
         for round_index in range(args.rounds):
-            for name in (*TARGETS, *TLS_TARGETS):
-                if name not in targets:
-                    continue
-                scheme = "https" if name in TLS_TARGETS else "http"
-                url = f"{scheme}://127.0.0.1:{ports[name]}{request_path(name, size)}"
-                print(f"bench: round {round_index + 1}/{args.rounds}, {TARGET_TITLES[name]}, {size.label}: "
+            for name in order:
+                variant_run: VariantRun | None = None
+                if is_variant(name):
+                    variant = variants.VARIANTS[name.removeprefix(VARIANT_PREFIX)]
+                    variant_run = start_variant(supervisor, variant, variant_context, args)
+                    servers[name] = variant_run.server
+                    url = f"http://127.0.0.1:{variant_run.server.port}{request_path('ringgate', size)}"
+                else:
+                    scheme = "https" if name in TLS_TARGETS else "http"
+                    url = f"{scheme}://127.0.0.1:{ports[name]}{request_path(name, size)}"
+                print(f"bench: round {round_index + 1}/{args.rounds}, {title_of(name)}, {size.label}: "
                       f"{args.warmup:g} s warm-up, {args.duration:g} s measured ({url})", file=sys.stderr, flush=True)
                 if args.warmup > 0:
                     run_wrk(url, args.warmup, args.connections, args.load_cpus, script)
                 settled_accepts: list[int] = []
+                proxy_server = servers.get(name) if name != "origin" else None
+                tree_cpu_before = proxy_server.cpu_seconds() if proxy_server is not None else 0.0
                 proxy_before, load_before = cpu_jiffies(proxy_cpus), cpu_jiffies(load_cpus)
                 result = run_wrk(url, args.duration, args.connections, args.load_cpus, script,
                                  probe=lambda: settled_accepts.append(origin_counters(origin_port)[0]),
@@ -855,6 +1105,7 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
                     raise BenchError(f"wrk ended before the probe, {min(1.0, args.duration / 4):g} s into the run")
                 proxy_busy = busy_fraction(proxy_before, cpu_jiffies(proxy_cpus))
                 load_busy = busy_fraction(load_before, cpu_jiffies(load_cpus))
+                tree_cpu_used = proxy_server.cpu_seconds() - tree_cpu_before if proxy_server is not None else None
                 accepts_after = origin_counters(origin_port)[0]
                 servers[name].refresh_tree()
                 measured.setdefault((size.label, name), []).append(CaseResult(
@@ -862,26 +1113,41 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
                     load_cpu_busy=load_busy,
                     # The "after" status read is itself one accepted connection.
                     origin_connections_opened=accepts_after - settled_accepts[0] - 1,
+                    proxy_cpu_us_per_request=None if tree_cpu_used is None else tree_cpu_used * 1e6 / result.requests,
                 ))
+                if variant_run is not None:
+                    memory[name] = memory_of_tree(variant_run.server.process.pid)
+                    facts = stop_variant(supervisor, variant_run)
+                    variant_facts.setdefault(name, []).append(
+                        {"size": size.label, "round": round_index + 1, "measured_requests": result.requests, **facts})
     cases = [median_case(runs) for runs in measured.values()]
-    round_ratios = {
-        size.label: [r.result.requests_per_sec / n.result.requests_per_sec
-                     for r, n in zip(measured.get((size.label, "ringgate"), []), measured.get((size.label, "nginx"), []))]
-        for size in SIZES
-    }
+
+    def per_round(target: str, baseline: str, label: str) -> list[float]:
+        return [t.result.requests_per_sec / b.result.requests_per_sec
+                for t, b in zip(measured.get((label, target), []), measured.get((label, baseline), []))]
+
+    def cpu_per_round(target: str, label: str) -> list[float]:
+        # Plain ringgate's CPU per request over the variant's: the req/s ratio a CPU-bound proxy would show.
+        return [b.proxy_cpu_us_per_request / t.proxy_cpu_us_per_request
+                for t, b in zip(measured.get((label, target), []), measured.get((label, "ringgate"), []))
+                if t.proxy_cpu_us_per_request and b.proxy_cpu_us_per_request]
+
+    round_ratios = {size.label: per_round("ringgate", "nginx", size.label) for size in SIZES}
     if tls:
-        round_ratios.update({
-            f"{size.label} TLS": [
-                r.result.requests_per_sec / n.result.requests_per_sec
-                for r, n in zip(measured.get((size.label, "ringgate-tls"), []), measured.get((size.label, "nginx-tls"), []))
-            ]
-            for size in SIZES
-        })
+        round_ratios.update({f"{size.label} TLS": per_round("ringgate-tls", "nginx-tls", size.label) for size in SIZES})
+    variant_ratios = {
+        name: {size.label: per_round(VARIANT_PREFIX + name, "ringgate", size.label) for size in SIZES}
+        for name in variant_names
+    }
+    variant_cpu_ratios = {
+        name: {size.label: cpu_per_round(VARIANT_PREFIX + name, size.label) for size in SIZES}
+        for name in variant_names
+    }
     add_ratios(cases)
 
-    memory: dict[str, TreeMemory] = {name: memory_of_tree(servers[name].process.pid) for name in ("nginx", "ringgate") if name in servers}
+    memory = {name: memory_of_tree(servers[name].process.pid) for name in ("nginx", "ringgate") if name in servers} | memory
     meta: dict[str, object] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(sys.orig_argv),
         "machine": machine_info(),
         "settings": {
@@ -889,9 +1155,15 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
             "ringgate_workers": args.workers, "proxy_cpus": args.proxy_cpus, "load_cpus": args.load_cpus,
             "routes": len(routes.prefixes), "target_route_index": routes.target_index,
             "target_route": routes.target_prefix, "targets": targets, "rounds": args.rounds, "tls": tls,
+            "variants": variant_names,
         },
         "round_ratios": round_ratios,
+        "variant_ratios_to_ringgate": variant_ratios,
+        "variant_cpu_ratios_to_ringgate": variant_cpu_ratios,
+        "variant_facts": variant_facts,
         "background_cpu_busy": background_busy,
+        "extensions_rebuilt_during_run": sorted(
+            name for name, stamp in extension_stamps().items() if extensions_at_start.get(name) != stamp),
         "server_commands": {name: shlex.join(server.argv) for name, server in servers.items()},
     }
     report = markdown_report(cases, meta, memory)
@@ -899,9 +1171,10 @@ def run(args: argparse.Namespace, supervisor: Supervisor, work_dir: Path) -> dic
         **meta,
         "results": [
             {"target": c.target, "size": c.size, "rps_ratio_to_nginx": c.rps_ratio_to_nginx,
-             "p99_ratio_to_nginx": c.p99_ratio_to_nginx, "proxy_cpu_busy": c.proxy_cpu_busy,
-             "load_cpu_busy": c.load_cpu_busy, "origin_connections_opened": c.origin_connections_opened,
-             **asdict(c.result)}
+             "p99_ratio_to_nginx": c.p99_ratio_to_nginx, "rps_ratio_to_ringgate": c.rps_ratio_to_ringgate,
+             "proxy_cpu_busy": c.proxy_cpu_busy, "load_cpu_busy": c.load_cpu_busy,
+             "proxy_cpu_us_per_request": c.proxy_cpu_us_per_request,
+             "origin_connections_opened": c.origin_connections_opened, **asdict(c.result)}
             for c in cases
         ],
         "memory": memory,
@@ -945,7 +1218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report["stop_warnings"] = supervisor.warnings
     RESULTS_DIR.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out_path = RESULTS_DIR / f"{stamp}.json"
     out_path.write_text(json.dumps(report, indent=2) + "\n")
     print(report["markdown"])

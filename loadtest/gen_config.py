@@ -91,14 +91,49 @@ def _check_nginx_safe(value: str, what: str) -> None:
         raise ValueError(f"{what} contains characters unsafe for an nginx config: {value!r}")
 
 
-def nginx_origin_conf(prefix_dir: Path, port: int, small_body: str, large_file: Path) -> str:
-    """The origin: `/small` returns `small_body` from the config, `/large` serves `large_file`."""
+def nginx_origin_conf(
+    prefix_dir: Path, port: int, small_body: str, large_file: Path,
+    backup_port: int | None = None, failing_port: int | None = None,
+) -> str:
+    """The origin: `/small` returns `small_body` from the config, `/large` serves `large_file`.
+    Optional extra listeners for bench.py's variants: `backup_port` serves the same two paths (a
+    fallback's backup), `failing_port` answers 503 to everything (a primary that is down)."""
     _check_nginx_safe(str(prefix_dir), "prefix dir")
     _check_nginx_safe(small_body, "small body")
     _check_nginx_safe(str(large_file), "large file path")
-    return render_template(
+    rendered = render_template(
         ORIGIN_TEMPLATE.read_text(),
         {"PREFIX": str(prefix_dir), "PORT": str(port), "SMALL_BODY": small_body, "LARGE_FILE": str(large_file)},
+    )
+    extra = ""
+    if backup_port is not None:
+        extra += _origin_backup_server(backup_port, small_body, large_file)
+    if failing_port is not None:
+        extra += _origin_failing_server(failing_port)
+    if not extra:
+        return rendered
+    # The extra server blocks go inside the http block, whose closing brace ends the file.
+    http_end = rendered.rstrip().rindex("}")
+    return rendered[:http_end] + extra + rendered[http_end:]
+
+
+def _origin_backup_server(port: int, small_body: str, large_file: Path) -> str:
+    return (
+        f"\n    # A second listener with the same answers: the backup of a fallback.\n"
+        f"    server {{\n        listen 127.0.0.1:{port};\n"
+        f"        location = /small {{\n            default_type text/plain;\n"
+        f"            return 200 \"{small_body}\";\n        }}\n"
+        f"        location = /large {{\n            alias {large_file};\n        }}\n"
+        f"        location / {{\n            return 404;\n        }}\n    }}\n"
+    )
+
+
+def _origin_failing_server(port: int) -> str:
+    return (
+        f"\n    # A primary that is down: 503 to every request.\n"
+        f"    server {{\n        listen 127.0.0.1:{port};\n"
+        f"        location / {{\n            default_type text/plain;\n"
+        f"            return 503 \"primary down\";\n        }}\n    }}\n"
     )
 
 
@@ -126,6 +161,11 @@ def nginx_proxy_conf(prefix_dir: Path, port: int, origin_port: int, routes: Rout
     )
 
 
+def route_name(index: int) -> str:
+    """The kong.yml name of the route at `index` (bench.py's variants attach plugins to it by name)."""
+    return f"r{index:04d}"
+
+
 def kong_declarative_config(origin_port: int, routes: RouteSet) -> dict[str, object]:
     """Kong 3.0 declarative config: one service pointing at the origin, one route per prefix
     (Kong defaults apply: strip_path true, path_handling v0, preserve_host false)."""
@@ -136,7 +176,7 @@ def kong_declarative_config(origin_port: int, routes: RouteSet) -> dict[str, obj
                 "name": SERVICE_NAME,
                 "url": f"http://127.0.0.1:{origin_port}",
                 "routes": [
-                    {"name": f"r{index:04d}", "paths": [prefix]} for index, prefix in enumerate(routes.prefixes)
+                    {"name": route_name(index), "paths": [prefix]} for index, prefix in enumerate(routes.prefixes)
                 ],
             }
         ],

@@ -5,10 +5,13 @@ Starts two real origins and a Ringgate gateway (2 workers) whose upstream has ac
 every 1 s and passive thresholds of 3 (Kong's fields), drives a steady stream of requests from
 a few client threads (fresh connections, so every worker serves some), then:
 
-  1. stops origin B (its port refuses connections) and measures the time from its death to
-     the last connection attempt the gateway made to it (the gateway logs every failed
-     connect with a millisecond timestamp);
-  2. starts origin B again on the same port and measures the time to its first proxied request.
+  1. stops origin B (its port refuses connections) and measures, from the gateway's log (every
+     failed connect and every health transition is logged with a millisecond timestamp), the
+     time from its death until it was marked down (passively ejected or actively UNHEALTHY),
+     the time until the last proxied request that still tried it, and how many proxied
+     requests tried it after it was marked down (0 is the goal; retries hide them from clients);
+  2. starts origin B again on the same port and measures the time from the moment it is about
+     to listen again until its first proxied request.
 
 Everything runs on loopback, is bounded in time, and stops the processes it started, by PID.
 
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import http.client
-import os
 import re
 import signal
 import statistics
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -47,7 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(a: str, b: str) -> dict:
+def _config(a: str, b: str) -> dict[str, object]:
     checks = {
         "active": {"type": "http", "http_path": "/status/200", "timeout": 1,
                    "healthy": {"interval": 1, "successes": 1},
@@ -85,7 +88,7 @@ class Load:
             self.sent += 1
             self.stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self.threads:
             thread.start()
         return self
@@ -107,7 +110,17 @@ def _log_times(lines: list[str], needle: str) -> list[float]:
     return stamps
 
 
-def one_round(rate: float, workdir: Path) -> tuple[float, float, int, int]:
+@dataclass(frozen=True)
+class RoundResult:
+    marked_down_s: float | None  # death -> first "ejected" / "UNHEALTHY" line for the target
+    last_attempt_s: float        # death -> last proxied connect attempt to it
+    attempts_after_down: int     # proxied connect attempts to it after it was marked down
+    recovered_s: float           # listening again -> first proxied request
+    errors: int
+    sent: int
+
+
+def one_round(rate: float, workdir: Path) -> RoundResult:
     a = OriginServer("a").start()
     b_port = _free_port()
     b = OriginServer("b", port=b_port).start()
@@ -120,7 +133,12 @@ def one_round(rate: float, workdir: Path) -> tuple[float, float, int, int]:
          "--proxy-listen", f"127.0.0.1:{proxy_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
          "--prefix", str(workdir / "prefix")],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    reader = threading.Thread(target=lambda: [lines.append(line.rstrip()) for line in proc.stdout], daemon=True)  # type: ignore[union-attr]
+    def read_output() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+
+    reader = threading.Thread(target=read_output, daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 20
@@ -134,10 +152,13 @@ def one_round(rate: float, workdir: Path) -> tuple[float, float, int, int]:
             b.stop()
             time.sleep(4.0)
             attempts = _log_times(lines, f"connect to {b.address} failed")
+            down_marks = _log_times([line for line in lines if b.address in line],
+                                    " ejected ") + _log_times(lines, f"{b.address} is now UNHEALTHY")
+            down_at = min(down_marks) if down_marks else None
             last_attempt = max(attempts) if attempts else died_at
             b = OriginServer("b", port=b_port)
+            back_at = time.time()  # taken before it listens: a request cannot arrive earlier
             b.start()
-            back_at = time.time()
             first_request = None
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
@@ -149,7 +170,11 @@ def one_round(rate: float, workdir: Path) -> tuple[float, float, int, int]:
             sent = load.sent
         if first_request is None:
             raise RuntimeError("the recovered target never got traffic back")
-        return last_attempt - died_at, first_request - back_at, errors, sent
+        # Log stamps have millisecond resolution: an attempt in the same millisecond as the mark
+        # counts as before it.
+        late = sum(1 for stamp in attempts if down_at is not None and stamp > down_at + 0.001)
+        return RoundResult(None if down_at is None else down_at - died_at, last_attempt - died_at, late,
+                           first_request - back_at, errors, sent)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -165,22 +190,37 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second (default 200)")
     parser.add_argument("--rounds", type=int, default=3, help="repetitions (default 3)")
     args = parser.parse_args()
-    results = []
+    results: list[RoundResult] = []
     for number in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="ringgate-health-") as tmp:
             results.append(one_round(args.rate, Path(tmp)))
-        death, back, errors, sent = results[-1]
-        print(f"round {number + 1}: death -> last request {death * 1000:.0f} ms, recovery -> first request "
-              f"{back * 1000:.0f} ms, client errors {errors}/{sent}", flush=True)
-    deaths = [r[0] * 1000 for r in results]
-    backs = [r[1] * 1000 for r in results]
+        r = results[-1]
+        print(f"round {number + 1}: death -> marked down {_ms(r.marked_down_s)}, death -> last request to it "
+              f"{_ms(r.last_attempt_s)} ({r.attempts_after_down} after it was marked down), recovery -> first "
+              f"request {_ms(r.recovered_s)}, client errors {r.errors}/{r.sent}", flush=True)
+    downs = [r.marked_down_s for r in results if r.marked_down_s is not None]
+    lasts = [r.last_attempt_s for r in results]
+    backs = [r.recovered_s for r in results]
     print()
     print(f"| measure ({args.rounds} rounds, {args.rate:.0f} req/s, 2 workers) | median | max |")
     print("|---|---|---|")
-    print(f"| target death -> last request sent to it | {statistics.median(deaths):.0f} ms | {max(deaths):.0f} ms |")
-    print(f"| target recovery -> first request again | {statistics.median(backs):.0f} ms | {max(backs):.0f} ms |")
-    print(f"| client-visible errors | {sum(r[2] for r in results)} of {sum(r[3] for r in results)} | |")
+    if downs:
+        never = len(results) - len(downs)
+        print(f"| target death -> marked down (ejected or UNHEALTHY){f' ({never} rounds: never)' if never else ''} "
+              f"| {_ms(statistics.median(downs))} | {_ms(max(downs))} |")
+    else:
+        print("| target death -> marked down (ejected or UNHEALTHY) | never | never |")
+    print(f"| target death -> last proxied request that tried it | {_ms(statistics.median(lasts))} | {_ms(max(lasts))} |")
+    print(f"| proxied requests that tried it after it was marked down | "
+          f"{statistics.median(r.attempts_after_down for r in results):g} per round | "
+          f"{max(r.attempts_after_down for r in results)} |")
+    print(f"| target listening again -> first proxied request | {_ms(statistics.median(backs))} | {_ms(max(backs))} |")
+    print(f"| client-visible errors | {sum(r.errors for r in results)} of {sum(r.sent for r in results)} | |")
     return 0
+
+
+def _ms(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ class AccessLog:
             os.close(self.fd)
 
 
+_second: list[object] = [-1, ""]  # the last whole second formatted, and its text
+
+
 def iso_time(epoch: float) -> str:
+    """UTC ISO 8601 with milliseconds; the seconds part is formatted once per second, not per line."""
     seconds = int(epoch)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((epoch - seconds) * 1000):03d}Z"
+    if seconds != _second[0]:
+        _second[0] = seconds
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{_second[1]}.{int((epoch - seconds) * 1000):03d}Z"

@@ -238,8 +238,10 @@ cdef class Exchange:
     cdef double t_head
     # plugins (None when the route has none: every hook below is skipped)
     cdef object chain
-    cdef object pctx
+    cdef object pctx                    # made at dispatch, or (lazy chains) when a plugin must act
     cdef bint in_fallback
+    cdef double primary_timeout         # seconds, 0: the service's read_timeout (a plugin's setting)
+    cdef bint no_timeout_retry
 
     cdef init(self, ClientProtocol client, Request req, RouteMatch match, object route, object service)
     cdef void start(self) except *
@@ -264,6 +266,7 @@ cdef class Exchange:
     cdef void _fail(self, int status, str message) except *
     cdef void _finish(self, bint keep_alive) except *
     cdef bint _plugins_take_over(self, int status, list headers) except -1
+    cdef object _context(self)
     cdef void _replace_answer(self) except *
     cdef void switch_to(self, object dest, object path) except *
 

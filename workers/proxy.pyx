@@ -907,7 +907,7 @@ cdef class ClientProtocol:
             return
         chain = route.plugins
         pctx = None
-        if chain is not None:
+        if chain is not None and not chain.lazy:
             pctx = _plugin_context(self, req, match, route, service)
             req.plugin_ctx = pctx
             req.plugin_chain = chain
@@ -917,9 +917,15 @@ cdef class ClientProtocol:
         cdef Exchange exchange = Exchange.__new__(Exchange)
         exchange.init(self, req, match, route, service)
         req.exchange = exchange
-        if pctx is not None:
+        if chain is not None:
             exchange.chain = chain
+            exchange.primary_timeout = chain.primary_timeout
+            exchange.no_timeout_retry = chain.no_timeout_retry
+        if pctx is not None:
             exchange.pctx = pctx
+            if pctx.primary_timeout:
+                exchange.primary_timeout = pctx.primary_timeout
+            exchange.no_timeout_retry = exchange.no_timeout_retry or pctx.no_timeout_retry
             if pctx.fallback_step is not None:
                 # A plugin sent the request past the primary (e.g. an open circuit breaker).
                 step, pctx.fallback_step = pctx.fallback_step, None
@@ -1524,8 +1530,8 @@ cdef class Exchange:
         self.reused = reused
         service = self.service
         cdef double read_timeout = service.read_timeout
-        if self.pctx is not None and self.pctx.primary_timeout and not self.in_fallback:
-            read_timeout = min(read_timeout, self.pctx.primary_timeout)
+        if self.primary_timeout > 0 and not self.in_fallback:
+            read_timeout = min(read_timeout, self.primary_timeout)
         conn.attach(self, read_timeout, service.write_timeout)
         cdef Request req = self.req
         cdef list parts = [self.head_line, self.host_line, self.head_rest]
@@ -1584,7 +1590,7 @@ cdef class Exchange:
         cdef bint retryable = self.tries_left > 0 and (
             not sent or (req.method in IDEMPOTENT and req.replayable)
         )
-        if timeout and self.pctx is not None and self.pctx.no_timeout_retry and not self.in_fallback:
+        if timeout and self.no_timeout_retry and not self.in_fallback:
             retryable = False
         if retryable:
             self.tries_left -= 1
@@ -1597,8 +1603,9 @@ cdef class Exchange:
             self._attempt()
             return
         if self.chain is not None and self.chain.response:
-            self.pctx.failure = "timeout" if timeout else "connect"
-            self.pctx.request_sent = sent
+            pctx = self._context()
+            pctx.failure = "timeout" if timeout else "connect"
+            pctx.request_sent = sent
             if self._plugins_take_over(504 if timeout else 502, []):
                 return
         if timeout:
@@ -1617,6 +1624,16 @@ cdef class Exchange:
             return False
         self._replace_answer()
         return True
+
+    cdef object _context(self):
+        """The plugins' Context, made now if the chain is lazy and this is the first time it is needed."""
+        pctx = self.pctx
+        if pctx is None:
+            pctx = _plugin_context(self.client, self.req, self.match, self.route, self.route.service)
+            self.pctx = pctx
+            self.req.plugin_ctx = pctx
+            self.req.plugin_chain = self.chain
+        return pctx
 
     cdef void _replace_answer(self) except *:
         self._end_target()
@@ -1698,17 +1715,20 @@ cdef class Exchange:
         cdef list parts = self.out
         cdef list plugin_headers = None
         chain = self.chain
-        if chain is not None and (chain.response or chain.header_filter):
-            plugin_headers = _head_pairs(buf, start, end)
+        if chain is not None and (self.pctx is not None or (
+                0 <= status < 600 and (<const unsigned char*>PyBytes_AS_STRING(chain.response_gate))[status])):
+            # A lazy chain acts only on the statuses its plugins named: other answers skip all of this.
+            plugin_headers = _head_pairs(buf, start, end) if chain.reads_response_headers else []
             if chain.response:
-                self.pctx.failure = None
-                self.pctx.request_sent = True
+                pctx = self._context()
+                pctx.failure = None
+                pctx.request_sent = True
                 if self._plugins_take_over(status, plugin_headers):
                     return
         cdef _ResponseHead head = _scan_response_head(buf, start, end, None)
         if head.connection_named is not None:
             head = _scan_response_head(buf, start, end, head.connection_named)
-        if chain is not None and chain.header_filter:
+        if chain is not None and chain.header_filter and self.pctx is not None:
             self.pctx.upstream_status = status
             plugin_chain.run_header_filter(chain, self.pctx, status, plugin_headers)
             if self.pctx.response_headers:
@@ -1788,7 +1808,7 @@ cdef class Exchange:
         if head.connection_named is not None:
             head = _scan_response_head(buf, start, end, head.connection_named)
         chain = self.chain
-        if chain is not None and chain.header_filter:
+        if chain is not None and chain.header_filter and self.pctx is not None:
             self.pctx.upstream_status = 101
             plugin_chain.run_header_filter(chain, self.pctx, 101, pairs)
             if self.pctx.response_headers:
@@ -1828,7 +1848,7 @@ cdef class Exchange:
     cdef void on_upstream_body(self, bytes data) except *:
         if self.done:
             return
-        if self.chain is not None and self.chain.body_filter:
+        if self.chain is not None and self.chain.body_filter and self.pctx is not None:
             data = plugin_chain.run_body_filter(self.chain, self.pctx, data, False)
             if not data:
                 return
@@ -1858,7 +1878,7 @@ cdef class Exchange:
     cdef void on_upstream_complete(self, UpstreamConnection conn) except *:
         if self.done:
             return
-        if self.chain is not None and self.chain.body_filter:
+        if self.chain is not None and self.chain.body_filter and self.pctx is not None:
             tail = plugin_chain.run_body_filter(self.chain, self.pctx, b"", True)
             if tail:
                 self.bytes_out += len(tail)
@@ -2218,7 +2238,7 @@ def _plugin_context(ClientProtocol client, Request req, RouteMatch match, route:
     pctx.raw_path = req.raw_path
     pctx.query = req.query
     pctx.host = req.host
-    pctx.headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers]
+    pctx.raw_headers = req.headers  # decoded only if a plugin reads them
     pctx.client_ip = client.peer_ip
     pctx.route_id = route.id
     pctx.route_name = route.name

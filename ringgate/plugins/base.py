@@ -72,10 +72,38 @@ class Plugin:
         self.service = service
         self.node = node if node is not None else Node()
 
+    # Whether response/header_filter read the upstream's header list: False lets the worker skip
+    # turning the head into Python pairs for this plugin.
+    READS_RESPONSE_HEADERS: ClassVar[bool] = True
+
     @classmethod
     def phases(cls) -> tuple[str, ...]:
         """The phases this class implements (compared with the base class's no-op methods)."""
         return tuple(p for p in PHASES if getattr(cls, p) is not getattr(Plugin, p))
+
+    def active_phases(self) -> tuple[str, ...]:
+        """The phases this instance needs; an instance whose config makes a phase a no-op drops it,
+        so requests do not pay for it (e.g. a body_filter that only matters when caching)."""
+        return type(self).phases()
+
+    def reads_response_headers(self) -> bool:
+        return self.READS_RESPONSE_HEADERS
+
+    def response_statuses(self) -> frozenset[int] | None:
+        """The upstream statuses for which this instance's response phase can act (None: any).
+        With a set, and no other phase needed on a request's normal path (lazy()), the worker
+        creates no Context and calls nothing for answers outside it."""
+        return None
+
+    def lazy(self) -> bool:
+        """True when this instance needs no phase at all unless its response phase acts (a status
+        in response_statuses(), or no answer): then the Context is made only in that case."""
+        return False
+
+    def request_settings(self) -> tuple[float, bool]:
+        """(primary timeout in seconds or 0, skip the service's retries on timeouts): what a lazy
+        instance asks of every request without running any Python on it."""
+        return 0.0, False
 
     # Phase methods: no-ops here; the chain skips the ones a class does not override.
     def rewrite(self, ctx: Context) -> None:
@@ -119,6 +147,7 @@ class Context:
     """
 
     __slots__ = (
+        "_headers",
         "_plugin_state",
         "aborted",
         "body",
@@ -129,7 +158,6 @@ class Context:
         "exit_answer",
         "failure",
         "fallback_step",
-        "headers",
         "host",
         "in_fallback",
         "latency_ms",
@@ -156,6 +184,7 @@ class Context:
         "upstream_headers",
         "upstream_latency_ms",
         "upstream_status",
+        "raw_headers",
     )
 
     def __init__(self) -> None:
@@ -186,11 +215,24 @@ class Context:
         self.no_timeout_retry = False
         self.tls = False
         self.body_bytes = 0  # request body bytes received so far
+        self._headers: list[tuple[str, str]] | None = None
+        self.raw_headers: list[tuple[bytes, bytes]] = []
 
     @property
     def plugin(self) -> dict[str, Any]:
         """State private to the plugin instance that is running now."""
         return self._plugin_state.setdefault(self.current_plugin, {})
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The request headers as received, decoded on first use (most plugins never look)."""
+        if self._headers is None:
+            self._headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw_headers]
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: list[tuple[str, str]]) -> None:
+        self._headers = value
 
     def header(self, name: str) -> str | None:
         """The first request header with this name (case-insensitive), or None."""

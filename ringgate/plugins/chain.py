@@ -35,7 +35,12 @@ class Chain:
         "buffers_body",
         "header_filter",
         "log",
+        "lazy",
+        "no_timeout_retry",
         "plugins",
+        "primary_timeout",
+        "reads_response_headers",
+        "response_gate",
         "response",
         "rewrite",
         "wants_body",
@@ -45,7 +50,7 @@ class Chain:
         self.plugins = tuple(plugins)
         by_phase: dict[str, list[Plugin]] = {}
         for plugin in self.plugins:
-            for phase in type(plugin).phases():
+            for phase in plugin.active_phases():
                 by_phase.setdefault(phase, []).append(plugin)
         self.rewrite = tuple(by_phase.get("rewrite", ()))
         self.access = tuple(by_phase.get("access", ()))
@@ -54,6 +59,21 @@ class Chain:
         self.body_filter = tuple(by_phase.get("body_filter", ()))
         self.log = tuple(by_phase.get("log", ()))
         self.buffers_body = any(type(p).BUFFERS_BODY for p in self.plugins)
+        # The worker builds the upstream's header pairs only when a plugin in these phases reads them.
+        self.reads_response_headers = any(p.reads_response_headers() for p in self.response + self.header_filter)
+        # Lazy chain: every plugin acts only on some statuses (or no answer); the worker makes no
+        # Context for other requests, so a healthy primary costs a byte lookup, not Python calls.
+        self.lazy = all(p.lazy() for p in self.plugins)
+        gate = bytearray(600)
+        for plugin in self.response:
+            statuses = plugin.response_statuses()
+            for status in (range(600) if statuses is None else statuses):
+                if 0 <= status < 600:
+                    gate[status] = 1
+        self.response_gate = bytes(gate)
+        settings = [p.request_settings() for p in self.plugins]
+        self.primary_timeout = max((t for t, _ in settings if t), default=0.0)
+        self.no_timeout_retry = any(flag for _, flag in settings)
         # The request body is kept for plugins (replay to a backup) when one asks for it.
         self.wants_body = any(getattr(p, "WANTS_REQUEST_BODY", False) for p in self.plugins)
 

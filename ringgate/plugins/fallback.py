@@ -142,6 +142,31 @@ class FallbackPlugin(Plugin):
             passive=(0, breaker.threshold, 0, 0), base_ejection_ms=int(breaker.timeout * 1000),
             max_ejection_ms=int(breaker.timeout * 1000))
         self._destinations: dict[tuple[int, int], Step] = {}
+        self._breaker_slots: dict[str, int] = {}
+
+    def active_phases(self) -> tuple[str, ...]:
+        # The success path pays only for what this config uses: answers are copied aside only for
+        # a cache step, and headers are added only when asked for.
+        phases = super().active_phases()
+        if not self.wants_cache:
+            phases = tuple(p for p in phases if p != "body_filter")
+        if not self.config.add_fallback_headers:
+            phases = tuple(p for p in phases if p != "header_filter")
+        return phases
+
+    def reads_response_headers(self) -> bool:
+        return self.wants_cache  # the headers are kept only with a cached answer
+
+    def lazy(self) -> bool:
+        # Without a breaker (access) or a cache step (every good answer is copied), a request whose
+        # primary answers well never needs this plugin.
+        return self.breaker_policy is None and not self.wants_cache
+
+    def response_statuses(self) -> frozenset[int] | None:
+        return None if self.wants_cache or self.breaker_policy is not None else self.fail_codes
+
+    def request_settings(self) -> tuple[float, bool]:
+        return self.config.primary_timeout / 1000.0, True
 
     # -- shared memory ----------------------------------------------------------------------
 
@@ -149,7 +174,11 @@ class FallbackPlugin(Plugin):
         health = self.node.health
         if self.breaker_policy is None or health is None:
             return -1
-        return health.slot_for(f"breaker:{self.entity_id}", ctx.route_id or "", 0)
+        route = ctx.route_id or ""
+        slot = self._breaker_slots.get(route)
+        if slot is None:  # claimed once per route: the identity hash is not worth paying per request
+            slot = self._breaker_slots[route] = health.slot_for(f"breaker:{self.entity_id}", route, 0)
+        return slot
 
     def _count(self, key: str, amount: int = 1) -> None:
         shdict = self.node.shdict
@@ -237,7 +266,7 @@ class FallbackPlugin(Plugin):
             if ctx.aborted and not ctx.in_fallback:
                 self._count(f"fallback|{ctx.route_name or ctx.route_id}|stream_broken|none")
             return
-        elapsed_ms = (time.monotonic() - state["t0"]) * 1000.0
+        elapsed_ms = (time.monotonic() - state.get("t0", ctx.started_at)) * 1000.0
         final = ctx.status
         route = ctx.route_name or ctx.route_id
         self._count(f"fallback|{route}|{state['trigger']}|{final}")

@@ -591,12 +591,12 @@ def test_upstream_names_are_unique() -> None:
 def test_unknown_plugin_is_not_enabled() -> None:
     messages = rejected(
         doc(
-            services=[{"name": "s", "host": "h", "plugins": [{"name": "rate-limiting", "config": {"minute": 5}}]}],
+            services=[{"name": "s", "host": "h", "plugins": [{"name": "acl", "config": {"allow": ["a"]}}]}],
             plugins=[{"name": "cors"}],
         )
     )
     assert messages == [
-        "services[0] (name 's') > plugins[0] (name 'rate-limiting') > name: plugin 'rate-limiting' not enabled; "
+        "services[0] (name 's') > plugins[0] (name 'acl') > name: plugin 'acl' not enabled; "
         "add it to the 'plugins' configuration property",
         "plugins[0] (name 'cors') > name: plugin 'cors' not enabled; add it to the 'plugins' configuration property",
     ]
