@@ -304,6 +304,15 @@ cdef inline bytes _status_line(int status):
     return <bytes>line
 
 
+cdef inline bytes _latency_lines(double proxy_seconds, double upstream_seconds):
+    """Kong's latency headers, then the request id's name (its value follows in the caller's parts)."""
+    cdef char latency[96]
+    cdef int n = snprintf(latency, sizeof(latency),
+                          "X-Kong-Upstream-Latency: %lld\r\nX-Kong-Proxy-Latency: %lld\r\nX-Kong-Request-Id: ",
+                          <long long>(upstream_seconds * 1000), <long long>(proxy_seconds * 1000))
+    return PyBytes_FromStringAndSize(latency, n)
+
+
 cdef inline void _append_chunk(list out, bytes data) except *:
     out.append(b"%x\r\n" % PyBytes_GET_SIZE(data))
     out.append(data)
@@ -1755,12 +1764,7 @@ cdef class Exchange:
         parts += [b"Via: ", (via + b", " + VIA_TOKEN) if via is not None else VIA_TOKEN, CRLF]
         if not head.has_server:
             parts += [b"Server: ", SERVER_TOKEN, CRLF]
-        cdef char latency[96]
-        cdef int n = snprintf(latency, sizeof(latency),
-                              "X-Kong-Upstream-Latency: %lld\r\nX-Kong-Proxy-Latency: %lld\r\nX-Kong-Request-Id: ",
-                              <long long>((self.t_head - self.t_sent) * 1000),
-                              <long long>((self.t_sent - req.t_start) * 1000))
-        parts.append(PyBytes_FromStringAndSize(latency, n))
+        parts.append(_latency_lines(self.t_sent - req.t_start, self.t_head - self.t_sent))
         parts.append(req.request_id)
         parts.append(CRLF)
         if self.set_cookie is not None:
@@ -1819,12 +1823,7 @@ cdef class Exchange:
                   b"Via: ", (head.via + b", " + VIA_TOKEN) if head.via is not None else VIA_TOKEN, CRLF]
         if not head.has_server:
             parts += [b"Server: ", SERVER_TOKEN, CRLF]
-        cdef char latency[96]
-        cdef int n = snprintf(latency, sizeof(latency),
-                              "X-Kong-Upstream-Latency: %lld\r\nX-Kong-Proxy-Latency: %lld\r\nX-Kong-Request-Id: ",
-                              <long long>((self.t_head - self.t_sent) * 1000),
-                              <long long>((self.t_sent - req.t_start) * 1000))
-        parts += [PyBytes_FromStringAndSize(latency, n), req.request_id, CRLF, CRLF]
+        parts += [_latency_lines(self.t_sent - req.t_start, self.t_head - self.t_sent), req.request_id, CRLF, CRLF]
         # From here the tunnel owns both sockets; this exchange only keeps its target until the tunnel ends.
         self.response_started = True
         self.done = True
